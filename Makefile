@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` (the main job) and `make test`.
+# Override the torch requirement for a CUDA build, e.g. `make demo TORCH=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+TINYSTORIES_DATA ?=
+DEMO_OUT ?= out/demo
+DEMO_MINUTES ?= 15
+
+.PHONY: demo test install install-dev bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev,serve,export]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	TINYSTORIES_DATA="$(TINYSTORIES_DATA)" $(BIN)/python -m tinystories demo --out $(DEMO_OUT) --max-minutes $(DEMO_MINUTES)
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+bench: install-dev
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) out build dist src/*.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from tinystories.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""The `tinystories` command: argument parsing only.
+
+Each sub-command lives in its own module under `tinystories/cli/` with two functions:
+`register(subparsers)` adds its parser and sets `func=run`; `run(args) -> int` calls library code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tinystories.errors import UserError
+
+# Module names under tinystories.cli, in the order `--help` lists them.
+COMMAND_MODULES = [
+    "data",
+    "train",
+    "generate",
+    "evaluate",
+    "serve",
+    "export",
+    "presets",
+    "demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinystories",
+        description="Train small GPT-style language models on TinyStories, then sample, evaluate, serve and export them.",
+    )
+    from tinystories import __version__
+
+    parser.add_argument("--version", action="version", version=f"tinystories {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"tinystories.cli.{name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"tinystories.cli.{name}":
+                continue  # stage not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as error:
+        print(f"tinystories: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tinystories: interrupted", file=sys.stderr)
+        return 130
