@@ -1,0 +1,457 @@
+"""Configuration: one source of truth for every default.
+
+`ModelConfig` describes a transformer, `TrainConfig` a training recipe, and a `Preset` names a pair of
+them with a tokenizer. `RunConfig` is what a run directory saves as `config.json`: everything needed to
+rebuild the model and continue the run. This module imports no torch, so `--help` and `presets` are fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinystories.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration value or file is invalid."""
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a GPT-style transformer. Every architecture variant is a setting here."""
+
+    vocab_size: int = 4096
+    context_length: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: same as n_head (MHA); 1: MQA; between: GQA
+    d_model: int = 128
+    d_ff: int | None = None  # None: 4*d for gelu, ~8/3*d (rounded up to 32) for swiglu
+    norm: str = "rmsnorm"  # 'layernorm' | 'rmsnorm'
+    norm_eps: float = 1e-5
+    position: str = "rope"  # 'learned' | 'rope'
+    rope_theta: float = 10000.0
+    mlp: str = "swiglu"  # 'gelu' | 'swiglu'
+    bias: bool = False  # biases in linear layers and LayerNorm
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    sliding_window: int | None = None  # None: full causal attention; N: attend to the last N tokens
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise ConfigError(f"model config: {message}")
+
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
+        need(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        need(self.kv_heads > 0 and self.n_head % self.kv_heads == 0,
+             f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        need(self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        need(self.position in ("learned", "rope"), f"position must be 'learned' or 'rope', got {self.position!r}")
+        need(self.mlp in ("gelu", "swiglu"), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.position != "rope" or self.head_dim % 2 == 0, "rope needs an even head dimension")
+        need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be None or positive")
+        need(self.d_ff is None or self.d_ff > 0, "d_ff must be None or positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        # SwiGLU has three matrices instead of two: 2/3 of 4*d keeps the parameter count of a GELU MLP.
+        return 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    def num_parameters(self) -> int:
+        """Closed-form parameter count (the model's own count must agree)."""
+        d, v, hd = self.d_model, self.vocab_size, self.head_dim
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        qkv_out = (self.n_head + 2 * self.kv_heads) * hd
+        attention = d * qkv_out + self.n_head * hd * d + (qkv_out + d if self.bias else 0)
+        mlp_in = self.ffn_dim * (2 if self.mlp == "swiglu" else 1)
+        mlp = d * mlp_in + self.ffn_dim * d + (mlp_in + d if self.bias else 0)
+        per_layer = 2 * norm + attention + mlp
+        total = v * d + self.n_layer * per_layer + norm
+        if self.position == "learned":
+            total += self.context_length * d
+        if not self.tie_embeddings:
+            total += v * d
+        return total
+
+    def flops_per_token(self, sequence_length: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token, for MFU.
+
+        6 FLOPs per matmul weight (2 forward, 4 backward) plus attention's two T x T products;
+        causal attention does half of those, hence 6 rather than 12 per layer per d per position.
+        """
+        t = sequence_length or self.context_length
+        if self.sliding_window:
+            t = min(t, 2 * self.sliding_window)
+        d, hd = self.d_model, self.head_dim
+        qkv_out = (self.n_head + 2 * self.kv_heads) * hd
+        mlp_in = self.ffn_dim * (2 if self.mlp == "swiglu" else 1)
+        matmul_weights = self.n_layer * (d * qkv_out + self.n_head * hd * d + d * mlp_in + self.ffn_dim * d)
+        matmul_weights += self.vocab_size * d  # the output head
+        return 6.0 * matmul_weights + 6.0 * self.n_layer * d * t
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, values, "model")
+
+
+@dataclass
+class TrainConfig:
+    """A training recipe. Steps count optimizer updates; tokens per step = batch_size * grad_accum * T."""
+
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 2000
+    max_minutes: float | None = None  # stop (and finish the schedule) after this much training time
+    optimizer: str = "adamw"  # 'adamw' | 'muon' (Muon for hidden matrices, AdamW for the rest) | 'adamw8bit'
+    lr: float = 3e-3  # peak learning rate of AdamW
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    muon_lr: float = 0.02  # peak learning rate of Muon (when optimizer == 'muon')
+    schedule: str = "cosine"  # 'cosine' | 'wsd' (warmup-stable-decay) | 'constant'
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: the last fraction of training that decays
+    weight_decay: float = 0.1  # matrices only; embeddings, norms and biases get none
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    batching: str = "windows"  # 'windows' (random windows of the shards) | 'stories' (padded, story-aligned)
+    eval_every: int = 200  # steps between evaluations (and checkpoints)
+    eval_tokens: int = 65536  # size of the fixed validation subset evaluated each time
+    log_every: int = 10
+    patience: int | None = None  # stop after this many evaluations without improvement
+    seed: int = 1337
+    device: str = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'mps'
+    dtype: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 elsewhere) | 'float32' | 'bfloat16'
+    compile: bool = False
+    sample_tokens: int = 120  # length of the sample story printed at each evaluation (0: none)
+    wandb: str | None = None  # a Weights & Biases project name
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise ConfigError(f"train config: {message}")
+
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.optimizer in ("adamw", "muon", "adamw8bit"), f"optimizer must be adamw, muon or adamw8bit, got {self.optimizer!r}")
+        need(self.schedule in ("cosine", "wsd", "constant"), f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        need(self.batching in ("windows", "stories"), f"batching must be 'windows' or 'stories', got {self.batching!r}")
+        need(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+             f"device must be auto, cpu, cuda or mps, got {self.device!r}")
+        need(self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        need(self.max_minutes is None or self.max_minutes > 0, "max_minutes must be positive")
+        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
+        need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        need(self.patience is None or self.patience > 0, "patience must be None or positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, values, "train")
+
+
+@dataclass
+class Preset:
+    """A named model + recipe + tokenizer, with the reasons behind its notable choices."""
+
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    tokenizer: str  # a tokenizer spec: 'bpe:4096', 'gpt2', 'bytes'
+    mirrors: str  # what this preset reproduces or is for
+    reasons: dict[str, str] = field(default_factory=dict)  # hyperparameter -> one-line reason
+
+
+def _presets() -> dict[str, Preset]:
+    gpt2_vocab = 50257
+    presets = [
+        Preset(
+            name="tiny",
+            tokenizer="bpe:4096",
+            mirrors="ours: ~1M-parameter Llama-style model, the CPU default (coherent stories in ~15 min on 2 cores)",
+            model=ModelConfig(vocab_size=4096, context_length=256, n_layer=4, n_head=4, d_model=128,
+                              norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=True),
+            train=TrainConfig(batch_size=16, max_steps=2000, lr=3e-3, warmup_steps=50, eval_every=200, compile=True),
+            reasons={
+                "vocab_size": "a 4096 BPE spends few parameters on embeddings yet keeps stories short in tokens",
+                "position": "RoPE generalises better than learned positions at this size",
+                "mlp": "SwiGLU gives lower loss than GELU for the same parameters",
+                "tie_embeddings": "half the embedding parameters of an untied head, which matters at 1M",
+                "lr": "small models tolerate and need a high learning rate",
+                "compile": "torch.compile speeds small models 1.4-1.7x on CPU",
+            },
+        ),
+        Preset(
+            name="small",
+            tokenizer="bpe:4096",
+            mirrors="ours: ~15M-parameter Llama-style model in the spirit of llama2.c's stories15M",
+            model=ModelConfig(vocab_size=4096, context_length=256, n_layer=8, n_head=6, d_model=384, d_ff=1024,
+                              norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=True),
+            train=TrainConfig(batch_size=32, max_steps=5000, lr=1e-3, warmup_steps=100, eval_every=250, compile=True),
+            reasons={
+                "d_model": "llama2.c's 15M model is 288 wide with a 32K vocabulary; with a 4K vocabulary the "
+                           "parameters go into depth and width instead",
+                "lr": "1e-3 is stable for 15M-parameter models with AdamW",
+            },
+        ),
+        Preset(
+            name="medium",
+            tokenizer="bpe:4096",
+            mirrors="ours: ~40M-parameter Llama-style model for a GPU",
+            model=ModelConfig(vocab_size=4096, context_length=512, n_layer=12, n_head=8, d_model=512, d_ff=1408,
+                              norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=True),
+            train=TrainConfig(batch_size=64, max_steps=10000, lr=6e-4, warmup_steps=200, eval_every=500, compile=True),
+            reasons={
+                "context_length": "512 covers almost every TinyStories story in one window",
+                "lr": "lower peak lr as width grows (roughly 1/width scaling)",
+            },
+        ),
+        Preset(
+            name="seed000",
+            tokenizer="bpe:4096",
+            mirrors="seed 000: a ~4.8M-parameter GPT (LayerNorm, learned positions, multi-head attention)",
+            model=ModelConfig(vocab_size=4096, context_length=256, n_layer=6, n_head=8, d_model=256, d_ff=704,
+                              norm="layernorm", position="learned", mlp="gelu", bias=True, tie_embeddings=True),
+            train=TrainConfig(batch_size=32, max_steps=5000, lr=1e-3, warmup_steps=100, eval_every=250),
+            reasons={"d_ff": "2.75x width instead of 4x brings the GPT to the seed's 4.8M parameters"},
+        ),
+        Preset(
+            name="seed001",
+            tokenizer="gpt2",
+            mirrors="seed 001: GPT-2-style 6x384 model with the GPT-2 tokenizer (~30M parameters)",
+            model=ModelConfig(vocab_size=gpt2_vocab, context_length=128, n_layer=6, n_head=6, d_model=384,
+                              norm="layernorm", position="learned", mlp="gelu", bias=True, dropout=0.1,
+                              tie_embeddings=True),
+            train=TrainConfig(batch_size=32, grad_accum=32, max_steps=5000, lr=1e-4, warmup_steps=1000,
+                              schedule="cosine", eval_every=250),
+            reasons={"grad_accum": "the seed's effective batch of 1024 sequences",
+                     "dropout": "the seed regularises with dropout 0.1"},
+        ),
+        Preset(
+            name="seed002",
+            tokenizer="bpe:32000",
+            mirrors="seed 002: Mistral-like 12x384 model, sliding-window attention, 32K BPE (~40M parameters)",
+            model=ModelConfig(vocab_size=32000, context_length=1024, n_layer=12, n_head=6, d_model=384, d_ff=1152,
+                              norm="rmsnorm", position="rope", mlp="gelu", bias=False, sliding_window=384,
+                              tie_embeddings=False),
+            train=TrainConfig(batch_size=8, grad_accum=4, max_steps=5000, lr=3e-4, warmup_steps=200,
+                              optimizer="adamw8bit", patience=2, eval_every=250),
+            reasons={"sliding_window": "Mistral's local attention: cost grows linearly past 384 tokens",
+                     "context_length": "long context is configurable up to 4096 (--set context_length=4096)",
+                     "optimizer": "8-bit AdamW (bitsandbytes) as in the seed; falls back to AdamW with a warning",
+                     "patience": "the seed stops after 2 evaluations without improvement"},
+        ),
+        Preset(
+            name="seed003",
+            tokenizer="gpt2",
+            mirrors="seed 003: pre-norm GPT with the GPT-2 tokenizer and flash attention (~51M parameters)",
+            model=ModelConfig(vocab_size=gpt2_vocab, context_length=512, n_layer=8, n_head=8, d_model=512,
+                              norm="layernorm", position="learned", mlp="gelu", bias=True, tie_embeddings=True),
+            train=TrainConfig(batch_size=16, grad_accum=4, max_steps=5000, lr=6e-4, warmup_steps=200, eval_every=250),
+            reasons={"n_layer": "8 layers of 512 put the model in the seed's 50-60M range"},
+        ),
+        Preset(
+            name="seed004",
+            tokenizer="gpt2",
+            mirrors="seed 004: a 2-layer, 128-wide GPT with the GPT-2 tokenizer",
+            model=ModelConfig(vocab_size=gpt2_vocab, context_length=256, n_layer=2, n_head=4, d_model=128,
+                              norm="layernorm", position="learned", mlp="gelu", bias=True, tie_embeddings=True),
+            train=TrainConfig(batch_size=32, max_steps=5000, lr=1e-4, warmup_steps=100, eval_every=250,
+                              batching="stories"),
+            reasons={"batching": "the seed trains on whole stories padded per batch"},
+        ),
+    ]
+    return {preset.name: preset for preset in presets}
+
+
+def preset_names() -> list[str]:
+    return list(_presets())
+
+
+def get_preset(name: str) -> Preset:
+    """A fresh copy of the named preset (callers may modify it)."""
+    presets = _presets()  # built anew each call: no shared mutable state
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(presets)}")
+    return presets[name]
+
+
+@dataclass
+class RunConfig:
+    """What a run directory's `config.json` holds: enough to rebuild the model and resume the run."""
+
+    model: ModelConfig
+    train: TrainConfig
+    tokenizer: str = "bpe:4096"
+    data: str | None = None  # the prepared shards directory
+    preset: str | None = None
+    init_from: str | None = None  # a run whose weights started this one
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "tokenizer": self.tokenizer,
+            "data": self.data,
+            "init_from": self.init_from,
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        if not isinstance(values, dict) or "model" not in values:
+            raise ConfigError("run config must be a JSON object with a 'model' section")
+        return cls(
+            model=ModelConfig.from_dict(values["model"]),
+            train=TrainConfig.from_dict(values.get("train", {})),
+            tokenizer=values.get("tokenizer", "bpe:4096"),
+            data=values.get("data"),
+            preset=values.get("preset"),
+            init_from=values.get("init_from"),
+        )
+
+    @classmethod
+    def from_preset(cls, name: str) -> "RunConfig":
+        preset = get_preset(name)
+        return cls(model=preset.model, train=preset.train, tokenizer=preset.tokenizer, preset=name)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RunConfig":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+        return cls.from_dict(values)
+
+
+def write_json_atomic(path: str | os.PathLike, values: Any) -> None:
+    """Write JSON to a temp file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(values, file, indent=2)
+            file.write("\n")
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def apply_overrides(run: RunConfig, assignments: list[str]) -> RunConfig:
+    """Apply `--set` assignments: 'model.n_layer=6', 'train.lr=1e-3', or a bare 'lr=1e-3'."""
+    model, train = run.model.to_dict(), run.train.to_dict()
+    sections = {"model": model, "train": train}
+    top_level = {"tokenizer", "data"}
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"--set {assignment!r}: expected field=value")
+        key, raw = assignment.split("=", 1)
+        key = key.strip()
+        if key in top_level:
+            setattr(run, key, raw)
+            continue
+        if "." in key:
+            section_name, name = key.split(".", 1)
+            if section_name not in sections or name not in sections[section_name]:
+                raise ConfigError(f"--set {key}: unknown field")
+            owners = [section_name]
+        else:
+            name = key
+            owners = [section for section, values in sections.items() if name in values]
+            if not owners:
+                known = sorted(set(model) | set(train) | top_level)
+                raise ConfigError(f"--set {key}: unknown field; known fields: {', '.join(known)}")
+            if len(owners) > 1:
+                raise ConfigError(f"--set {key}: ambiguous, write {' or '.join(f'{o}.{key}' for o in owners)}")
+        cls = ModelConfig if owners[0] == "model" else TrainConfig
+        sections[owners[0]][name] = parse_field_value(cls, name, raw)
+    return RunConfig(model=ModelConfig.from_dict(model), train=TrainConfig.from_dict(train),
+                     tokenizer=run.tokenizer, data=run.data, preset=run.preset, init_from=run.init_from)
+
+
+def parse_field_value(cls: type, name: str, raw: str) -> Any:
+    """Turn the text of a `--set` value into the field's type (int, float, bool, str, or None)."""
+    hints = typing.get_type_hints(cls)
+    kinds = _field_kinds(hints[name])
+    text = raw.strip()
+    if type(None) in kinds and text.lower() in ("none", "null", ""):
+        return None
+    for kind in kinds:
+        if kind is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+        elif kind is int:
+            try:
+                return int(text)
+            except ValueError:
+                continue
+        elif kind is float:
+            try:
+                return float(text)
+            except ValueError:
+                continue
+        elif kind is str:
+            return text
+    expected = " or ".join(k.__name__ for k in kinds)
+    raise ConfigError(f"--set {name}={raw}: expected {expected}")
+
+
+def _field_kinds(hint: Any) -> list[type]:
+    args = typing.get_args(hint)
+    return [arg for arg in args] if args else [hint]
+
+
+def _from_dict(cls: type, values: dict[str, Any], section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{section} config: unknown field(s) {', '.join(unknown)}")
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise ConfigError(f"{section} config: {error}") from None

@@ -1,0 +1,273 @@
+"""A GPT-style transformer from PyTorch primitives, driven by one `ModelConfig`.
+
+Every variant the presets need is a setting: LayerNorm or RMSNorm, learned or rotary positions,
+GELU or SwiGLU, multi-head / grouped-query / multi-query attention, full or sliding-window causal
+attention, tied or separate output head. A `KVCache` makes generation cost one token per step.
+
+Shapes in comments: B batch, T new tokens, S key slots (cached + new), C d_model,
+H query heads, K key/value heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinystories.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to `max_length` slots.
+
+    Slot i holds the i-th token fed to the model. A forward pass with a cache writes its T new tokens
+    at slots [length, length + T) and then advances `length`.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        shape = (config.n_layer, batch_size, config.kv_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_length = max_length
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        """Store (B, K, T, D) keys/values at slots [start, start+T); return all filled slots (B, K, S, D)."""
+        end = start + keys.shape[2]
+        self.keys[layer, :, :, start:end] = keys
+        self.values[layer, :, :, start:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE), 'rotate halves' layout as in Hugging Face Llama.
+
+    Feature i of the first half and feature i of the second half form a pair rotated by
+    angle position * theta^(-2i/D).
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
+        super().__init__()
+        inverse_frequency = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inverse_frequency", inverse_frequency.float(), persistent=False)
+        cos, sin = self._tables(torch.arange(max_positions, dtype=torch.float64), inverse_frequency)
+        self.register_buffer("cos_table", cos.float(), persistent=False)  # (max_positions, D)
+        self.register_buffer("sin_table", sin.float(), persistent=False)
+
+    @staticmethod
+    def _tables(positions: torch.Tensor, inverse_frequency: torch.Tensor):
+        angles = positions[..., None] * inverse_frequency  # (..., D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (..., D)
+        return angles.cos(), angles.sin()
+
+    def forward(self, position_ids: torch.Tensor):
+        """position_ids (T,) or (B, T) -> cos, sin broadcastable against (B, H, T, D)."""
+        if int(position_ids.max()) < self.cos_table.shape[0]:
+            cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]
+        else:  # beyond the precomputed table: compute directly
+            cos, sin = self._tables(position_ids.double(), self.inverse_frequency.double())
+            cos, sin = cos.float(), sin.float()
+        if position_ids.dim() == 1:
+            return cos[None, None], sin[None, None]  # (1, 1, T, D)
+        return cos[:, None], sin[:, None]  # (B, 1, T, D)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos + rotate_half(x) * sin).type_as(x)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped key/value heads (K divides H) and optional RoPE."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        # One matrix for queries, keys and values: one matmul instead of three.
+        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x, rotary, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer_index, start, k, v)  # (B, K, S, D)
+        if self.n_kv_head != self.n_head:
+            repeats = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(repeats, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(repeats, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None and cache is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, H*D)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (fc -> gelu -> proj) or SwiGLU (proj(silu(gate) * up))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.ffn_dim
+        # SwiGLU's gate and up projections share one matrix: rows [0, hidden) gate, [hidden, 2*hidden) up.
+        self.fc = nn.Linear(config.d_model, hidden * (2 if self.swiglu else 1), bias=config.bias)
+        self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config, layer_index)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary, mask, cache, start):
+        x = x + self.dropout(self.attn(self.norm1(x), rotary, mask, cache, start))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.context_length, config.d_model) if config.position == "learned" else None
+        self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.context_length)
+                       if config.position == "rope" else None)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        # Each block adds two outputs to the residual stream; keep its variance from growing with depth.
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared (tied) tensors counted once
+
+    def new_cache(self, batch_size: int, max_length: int | None = None,
+                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        weight = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_length or self.config.context_length,
+                       device=device or weight.device, dtype=dtype or weight.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        targets (B, T): next-token ids, -1 where no loss is wanted (padding).
+        cache: attend to earlier tokens stored in it and append these T tokens.
+        position_ids (T,) or (B, T): positions of the new tokens (default: slot indices).
+        key_padding_mask (B, S): True for real tokens, False for padding, over all slots up to S.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} tokens; cannot add {T} to {start}")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=idx.device)  # (T,)
+
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            if int(position_ids.max()) >= self.config.context_length:
+                raise ValueError(f"position {int(position_ids.max())} is beyond the learned positions "
+                                 f"(context_length {self.config.context_length})")
+            x = x + self.pos_emb(position_ids)
+        x = self.dropout(x)
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
+        mask = self._attention_mask(T, start, key_padding_mask, cache is not None, idx.device)
+
+        for block in self.blocks:
+            x = block(x, rotary, mask, cache, start)
+        if cache is not None:
+            cache.length = start + T
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _attention_mask(self, T: int, start: int, key_padding_mask, cached: bool, device) -> torch.Tensor | None:
+        """Boolean (B|1, 1, T, S) mask, True = may attend; None when plain causal attention suffices."""
+        S = start + T
+        window = self.config.sliding_window
+        window_matters = window is not None and window < S
+        if key_padding_mask is None and not window_matters and (not cached or T == 1):
+            return None  # plain causal (or a single new token that may see every slot)
+        query_slots = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        key_slots = torch.arange(S, device=device)[None, :]  # (1, S)
+        allowed = key_slots <= query_slots  # (T, S)
+        if window_matters:
+            allowed = allowed & (key_slots > query_slots - window)
+        allowed = allowed[None, None]  # (1, 1, T, S)
+        if key_padding_mask is not None:
+            allowed = allowed & key_padding_mask[:, None, None, :S].bool()
+            # A padding query may see no key at all; let every query see itself so softmax stays finite.
+            allowed = allowed | (key_slots == query_slots)[None, None]
+        return allowed
