@@ -1,0 +1,280 @@
+"""Use a trained model elsewhere: export a run to Hugging Face, GGUF, llama2.c or a safetensors
+directory, and import llama2.c checkpoints as runs.
+
+    export(run, "hf", out)           transformers: config.json + model.safetensors + tokenizer files
+    export(run, "gguf", out)         llama.cpp: out/model.gguf (Llama-style models, tokenizer embedded)
+    export(run, "llama2c", out)      llama2.c: out/model.bin (legacy v0) + out/tokenizer.bin
+    export(run, "safetensors", out)  ours: config.json + model.safetensors + tokenizer (load_run reads it)
+    import_llama2c(model_bin, tokenizer_bin, out)   a run directory generate/eval/train --init-from accept
+
+Every output appears whole or not at all: it is written into a hidden temporary directory beside
+`out`, which is then renamed to `out`. The format writers live in export_hf.py, export_gguf.py and
+llama2c.py; this module finds the weights and tokenizer files and handles the directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from tinystories.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, build_model, load_run_config, load_weights,
+                                    resolve_checkpoint, save_checkpoint)
+from tinystories.config import RunConfig, TrainConfig, write_json_atomic
+from tinystories.errors import UserError
+from tinystories.llama2c import (TOKENIZER_BIN, Llama2cTokenizer, byte_level_pieces, read_llama2c_bin,
+                                 read_tokenizer_bin, write_llama2c_bin, write_tokenizer_bin)
+
+FORMATS = ("hf", "gguf", "llama2c", "safetensors")
+IMPORT_FORMATS = ("llama2c",)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_JSON, TOKENIZER_META = "tokenizer.json", "tokenizer_meta.json"
+GGUF_FILE, LLAMA2C_FILE = "model.gguf", "model.bin"
+
+
+class ExportError(UserError):
+    """Bad export/import input: unknown format or dtype, missing run, output in the way."""
+
+
+@dataclass
+class ExportSource:
+    """What an export reads from a run: its config, fp32 weights (our names) and tokenizer files."""
+
+    run_config: RunConfig
+    weights: dict[str, torch.Tensor]  # includes lm_head.weight (== tok_emb.weight when tied)
+    home: Path  # the directory holding config.json and the tokenizer files
+    checkpoint: Path
+    meta: dict[str, Any]  # tokenizer_meta.json
+
+    def tokenizer_json(self) -> dict[str, Any]:
+        """The run's HF tokenizer.json; for the 'bytes' kind (which has none) an equivalent one."""
+        path = self.home / TOKENIZER_JSON
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise ExportError(f"{path}: unreadable tokenizer file ({error})") from None
+        if self.meta.get("kind") == "bytes":
+            return bytes_tokenizer_json(int(self.meta.get("eot_id", 256)))
+        raise ExportError(f"{self.home}: no {TOKENIZER_JSON} for tokenizer kind {self.meta.get('kind')!r}")
+
+
+def bytes_tokenizer_json(eot_id: int = 256) -> dict[str, Any]:
+    """A byte-level BPE with no merges that encodes exactly like the 'bytes' tokenizer (id = byte)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    from tinystories.tokenizer import EOT, bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    values = json.loads(tokenizer.to_str())
+    if tokenizer.token_to_id(EOT) != eot_id:
+        raise ExportError(f"bytes tokenizer: expected {EOT} at id {eot_id}, it would be {tokenizer.token_to_id(EOT)}")
+    return values
+
+
+def load_source(run: str | os.PathLike, checkpoint: str = "best") -> ExportSource:
+    """Read a run (or checkpoint, or self-contained directory) for export."""
+    from tinystories.checkpoint import shipped_model_path
+
+    path = shipped_model_path(run) or Path(run)
+    directory, home = resolve_checkpoint(path, checkpoint)
+    run_config = load_run_config(home)
+    model = build_model(run_config.model, load_weights(directory), source=str(directory))
+    weights = {name: tensor.detach().float().contiguous() for name, tensor in model.state_dict().items()}
+    meta_path = home / TOKENIZER_META
+    if not meta_path.is_file():
+        raise ExportError(f"{home}: no {TOKENIZER_META}; the run's tokenizer is needed for export")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{meta_path}: unreadable ({error})") from None
+    return ExportSource(run_config, weights, home, directory, meta)
+
+
+@contextmanager
+def atomic_directory(out: str | os.PathLike, force: bool = False, protect: Path | None = None) -> Iterator[Path]:
+    """Yield a fresh hidden directory beside `out`; on success it replaces `out` in one rename.
+
+    `out` may not exist, or be empty; with `force` an existing one is replaced. On any error the
+    temporary directory is removed and `out` is untouched. `protect` (the source run) may not be
+    `out` nor inside it.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory")
+    if protect is not None:
+        source, target = protect.resolve(), out.resolve()
+        if source == target or target in source.parents:
+            raise ExportError(f"--out {out}: would overwrite the model being exported; choose another directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out}: directory exists and is not empty (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield temporary
+        temporary.chmod(0o755)  # mkdtemp makes it private
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(temporary, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temporary, out)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def export(run: str | os.PathLike, format: str, out: str | os.PathLike, *, checkpoint: str = "best",
+           dtype: str = "float32", force: bool = False) -> Path:
+    """Export `run` to `out` in `format` ('hf' | 'gguf' | 'llama2c' | 'safetensors'). Returns `out`."""
+    if format not in FORMATS:
+        raise ExportError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if format == "llama2c" and dtype != "float32":
+        raise ExportError(f"--dtype {dtype}: llama2c's legacy .bin format is float32 only")
+    if format == "gguf" and dtype == "bfloat16":
+        raise ExportError("--dtype bfloat16: gguf export writes float32 or float16")
+    source = load_source(run, checkpoint)
+    check = {"hf": _check_hf, "gguf": _check_gguf, "llama2c": _check_llama2c, "safetensors": lambda s: None}
+    check[format](source)  # refuse before creating anything
+    writers = {"hf": write_hf_dir, "gguf": write_gguf_dir, "llama2c": write_llama2c_dir,
+               "safetensors": write_safetensors_dir}
+    with atomic_directory(out, force, protect=source.home) as directory:
+        writers[format](source, directory, dtype)
+    return Path(out)
+
+
+def _check_hf(source: ExportSource) -> None:
+    from tinystories.export_hf import hf_architecture
+
+    hf_architecture(source.run_config.model)
+
+
+def _check_gguf(source: ExportSource) -> None:
+    from tinystories.export_gguf import check_gguf_compatible
+
+    check_gguf_compatible(source.run_config.model)
+
+
+def _check_llama2c(source: ExportSource) -> None:
+    from tinystories.llama2c import check_llama2c_compatible
+
+    check_llama2c_compatible(source.run_config.model)
+
+
+def _cast(weights: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(DTYPES[dtype]).contiguous() for name, tensor in weights.items()}
+
+
+def _tokenizer_files(home: Path) -> list[Path]:
+    return [home / name for name in (TOKENIZER_JSON, TOKENIZER_META, TOKENIZER_BIN) if (home / name).is_file()]
+
+
+def write_safetensors_dir(source: ExportSource, directory: Path, dtype: str) -> None:
+    """config.json (RunConfig) + model.safetensors + the tokenizer files: what load_run reads."""
+    weights = dict(source.weights)
+    if source.run_config.model.tie_embeddings:
+        weights.pop("lm_head.weight", None)  # shared with tok_emb.weight
+    metadata = {"format": "pt", "model_config": json.dumps(source.run_config.model.to_dict())}
+    save_file(_cast(weights, dtype), str(directory / WEIGHTS_FILE), metadata=metadata)
+    source.run_config.save(directory / CONFIG_FILE)
+    for path in _tokenizer_files(source.home):
+        shutil.copyfile(path, directory / path.name)
+
+
+def write_hf_dir(source: ExportSource, directory: Path, dtype: str) -> None:
+    """A transformers model directory (Llama, Mistral or GPT-2 class) with a fast tokenizer."""
+    from tinystories.export_hf import hf_architecture, hf_config, hf_state_dict, tokenizer_config
+
+    config = source.run_config.model
+    family = hf_architecture(config)
+    if source.meta.get("kind") == "llama2c":
+        bos_id, eos_id = 1, 2
+    else:
+        bos_id = eos_id = int(source.meta["eot_id"])
+    state = hf_state_dict(config, source.weights, family)
+    save_file(_cast(state, dtype), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    write_json_atomic(directory / "config.json", hf_config(config, family, bos_id=bos_id, eos_id=eos_id, dtype=dtype))
+    write_json_atomic(directory / "generation_config.json",
+                      {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False})
+    write_json_atomic(directory / TOKENIZER_JSON, source.tokenizer_json())
+    token_config = tokenizer_config(source.meta, config.context_length)
+    write_json_atomic(directory / "tokenizer_config.json", token_config)
+    write_json_atomic(directory / "special_tokens_map.json",
+                      {key: token_config[key] for key in ("bos_token", "eos_token", "unk_token")})
+
+
+def _llama2c_scores(source: ExportSource) -> list[float] | None:
+    if source.meta.get("kind") != "llama2c":
+        return None
+    _, scores, _ = read_tokenizer_bin(source.home / TOKENIZER_BIN)
+    return scores
+
+
+def write_gguf_dir(source: ExportSource, directory: Path, dtype: str) -> None:
+    from tinystories.export_gguf import write_gguf
+
+    write_gguf(directory / GGUF_FILE, source.run_config.model, source.weights, source.tokenizer_json(),
+               source.meta, scores=_llama2c_scores(source), dtype=dtype, name=source.home.name or "tinystories")
+
+
+def write_llama2c_dir(source: ExportSource, directory: Path, dtype: str) -> None:
+    """model.bin (legacy v0) + tokenizer.bin (copied for imported llama2.c models, else byte pieces)."""
+    config = source.run_config.model
+    write_llama2c_bin(directory / LLAMA2C_FILE, config, source.weights)
+    if source.meta.get("kind") == "llama2c":
+        shutil.copyfile(source.home / TOKENIZER_BIN, directory / TOKENIZER_BIN)
+    else:
+        pieces, scores = byte_level_pieces(source.tokenizer_json(), config.vocab_size)
+        write_tokenizer_bin(directory / TOKENIZER_BIN, pieces, scores)
+
+
+def import_model(format: str, model_path: str | os.PathLike, out: str | os.PathLike, *,
+                 tokenizer: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """`tinystories import FORMAT MODEL --tokenizer T --out RUN`; only 'llama2c' for now."""
+    if format not in IMPORT_FORMATS:
+        raise ExportError(f"import format {format!r}: expected one of {', '.join(IMPORT_FORMATS)}")
+    if tokenizer is None:
+        raise ExportError("import llama2c needs --tokenizer TOKENIZER.bin (llama2.c's tokenizer file)")
+    return import_llama2c(model_path, tokenizer, out, force=force)
+
+
+def import_llama2c(model_bin: str | os.PathLike, tokenizer_bin: str | os.PathLike, out: str | os.PathLike,
+                   *, force: bool = False) -> Path:
+    """Turn a legacy llama2.c checkpoint + tokenizer.bin into a run directory `out`.
+
+    The run has config.json (RMSNorm eps 1e-5, RoPE theta 10000, SwiGLU with d_ff = hidden_dim, no
+    biases, n_kv_head from the header, tied per the sign of vocab_size), checkpoints/best and
+    checkpoints/last, and a 'llama2c' tokenizer (tokenizer.bin, tokenizer.json, tokenizer_meta.json).
+    """
+    model_bin, tokenizer_bin = Path(model_bin), Path(tokenizer_bin)
+    for path, what in ((model_bin, "MODEL.bin"), (tokenizer_bin, "--tokenizer")):
+        if not path.is_file():
+            raise ExportError(f"{what} {path}: no such file")
+    config, weights = read_llama2c_bin(model_bin)
+    tokenizer = Llama2cTokenizer.from_bin(tokenizer_bin, vocab_size=config.vocab_size)
+    model = build_model(config, weights, source=str(model_bin))
+    run_config = RunConfig(model=config, train=TrainConfig(), tokenizer="llama2c")
+    metadata = {"source": f"llama2.c checkpoint {model_bin.name}"}
+    with atomic_directory(out, force) as directory:
+        run_config.save(directory / CONFIG_FILE)
+        tokenizer.save(directory)
+        save_checkpoint(directory / "checkpoints" / "last", model, metadata=metadata)
+        save_checkpoint(directory / "checkpoints" / "best", model, metadata=metadata)
+    return Path(out)

@@ -1,0 +1,357 @@
+"""Export to Hugging Face transformers, GGUF and safetensors directories; CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from export_helpers import EOT, SENTENCES, gpt2_config, greedy, llama_config, make_run, train_byte_level_bpe
+from tinystories.checkpoint import build_model, load_weights, resolve_checkpoint, load_run_config
+from tinystories.cli import main
+from tinystories.errors import UserError
+from tinystories.export import ExportError, export
+from tinystories.llama2c import halves_to_pairs, pairs_to_halves
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[export])")
+
+FAMILIES = {
+    # name: (config, expected transformers class)
+    "llama-gqa-untied": (llama_config(rope_theta=500.0), "LlamaForCausalLM"),
+    "llama-bias-tied": (llama_config(bias=True, tie_embeddings=True, n_kv_head=1, norm_eps=1e-6), "LlamaForCausalLM"),
+    "mistral-window": (llama_config(sliding_window=5), "MistralForCausalLM"),
+    "gpt2-bias-tied": (gpt2_config(), "GPT2LMHeadModel"),
+    "gpt2-nobias-untied": (gpt2_config(bias=False, tie_embeddings=False, norm_eps=1e-6), "GPT2LMHeadModel"),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_byte_level_bpe()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hf_export_matches_logits_and_greedy(tmp_path, tokenizer, family):
+    config, class_name = FAMILIES[family]
+    run, model = make_run(tmp_path / "run", config, tokenizer)
+    out = export(run, "hf", tmp_path / "hf")
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf_model).__name__ == class_name
+    tokens = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = model(tokens)
+        theirs = hf_model(tokens).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+    prompt = tokens[0, :6].tolist()
+    eot = tokenizer.token_to_id(EOT)
+    expected = greedy(model, prompt, 12, stop=eot)
+    with torch.no_grad():
+        generated = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                      attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert generated[0, len(prompt):].tolist() == expected
+
+
+def test_hf_tokenizer_loads_with_autotokenizer(tmp_path, tokenizer):
+    run, _ = make_run(tmp_path / "run", llama_config(), tokenizer)
+    out = export(run, "hf", tmp_path / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = SENTENCES[3] + EOT + "Tom smiled."
+    expected = tokenizer.encode(text, add_special_tokens=False).ids
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == expected
+    assert hf_tokenizer.decode(expected) == text
+    assert hf_tokenizer.eos_token == EOT and hf_tokenizer.eos_token_id == tokenizer.token_to_id(EOT)
+
+
+def test_hf_export_of_bytes_tokenizer(tmp_path):
+    """The 'bytes' kind has no tokenizer.json; the export synthesises one with id = byte value."""
+    config = llama_config(vocab_size=257)
+    run, _ = make_run(tmp_path / "run", config, train_byte_level_bpe())
+    (run / "tokenizer.json").unlink()
+    (run / "tokenizer_meta.json").write_text(json.dumps({"kind": "bytes", "spec": "bytes", "vocab_size": 257,
+                                                         "eot_id": 256}))
+    out = export(run, "hf", tmp_path / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Lily's café 😀" + EOT + "x"
+    expected = list("Lily's café 😀".encode("utf-8")) + [256] + [ord("x")]
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == expected
+    assert hf_tokenizer.decode(expected) == text
+
+
+def test_hf_export_float16(tmp_path, tokenizer):
+    run, model = make_run(tmp_path / "run", llama_config(), tokenizer)
+    out = export(run, "hf", tmp_path / "hf", dtype="float16")
+    with safe_open(out / "model.safetensors", "pt") as file:
+        assert {file.get_tensor(name).dtype for name in file.keys()} == {torch.float16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(tokens).logits, model(tokens)[0], atol=0.05, rtol=0.01)
+
+
+@pytest.mark.parametrize("config, field", [
+    (gpt2_config(mlp="swiglu"), "mlp='swiglu'"),  # learned positions + swiglu
+    (gpt2_config(norm="rmsnorm"), "norm='rmsnorm'"),
+    (gpt2_config(n_kv_head=2), "n_kv_head=2"),  # GQA in GPT-2
+    (gpt2_config(sliding_window=8), "sliding_window=8"),
+    (llama_config(mlp="gelu"), "mlp='gelu'"),  # gelu MLP in Llama
+    (llama_config(norm="layernorm"), "norm='layernorm'"),
+    (llama_config(sliding_window=8, bias=True), "bias=True"),  # bias in Mistral
+    (llama_config(sliding_window=8, mlp="gelu"), "mlp='gelu'"),  # the seed002 preset's shape
+])
+def test_hf_export_refuses_what_the_class_cannot_express(tmp_path, tokenizer, config, field):
+    run, _ = make_run(tmp_path / "run", config, tokenizer)
+    with pytest.raises(UserError, match=field.replace("(", r"\(")) as error:
+        export(run, "hf", tmp_path / "hf")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "hf").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary directory left behind
+
+
+# --- GGUF -----------------------------------------------------------------------------------------
+
+REQUIRED_GGUF_KEYS = [
+    "general.architecture", "llama.context_length", "llama.embedding_length", "llama.block_count",
+    "llama.feed_forward_length", "llama.attention.head_count", "llama.attention.head_count_kv",
+    "llama.rope.dimension_count", "llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base",
+    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+]
+
+
+def _field_value(reader, key):
+    field = reader.fields[key]
+    return field.contents()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gguf_tensors_and_metadata(tmp_path, tokenizer, dtype):
+    gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install -e .[export])")
+    config = llama_config(rope_theta=20000.0, norm_eps=1e-6)
+    run, model = make_run(tmp_path / "run", config, tokenizer)
+    out = export(run, "gguf", tmp_path / "gguf", dtype=dtype)
+    reader = gguf.GGUFReader(out / "model.gguf")
+
+    for key in REQUIRED_GGUF_KEYS:
+        assert key in reader.fields, key
+    assert _field_value(reader, "general.architecture") == "llama"
+    assert _field_value(reader, "llama.context_length") == 32
+    assert _field_value(reader, "llama.embedding_length") == 64
+    assert _field_value(reader, "llama.block_count") == 2
+    assert _field_value(reader, "llama.feed_forward_length") == 96
+    assert _field_value(reader, "llama.attention.head_count") == 4
+    assert _field_value(reader, "llama.attention.head_count_kv") == 2
+    assert _field_value(reader, "llama.rope.dimension_count") == 16
+    assert _field_value(reader, "llama.rope.freq_base") == pytest.approx(20000.0)
+    assert _field_value(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
+    assert _field_value(reader, "tokenizer.ggml.model") == "gpt2"
+    assert _field_value(reader, "tokenizer.ggml.bos_token_id") == tokenizer.token_to_id(EOT)
+    assert _field_value(reader, "tokenizer.ggml.eos_token_id") == tokenizer.token_to_id(EOT)
+    vocab = tokenizer.get_vocab()
+    tokens = _field_value(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == config.vocab_size and all(tokens[i] == t for t, i in vocab.items())
+    types = _field_value(reader, "tokenizer.ggml.token_type")
+    assert types[tokenizer.token_to_id(EOT)] == int(gguf.TokenType.CONTROL) and types[100] == int(gguf.TokenType.NORMAL)
+    saved = json.loads(tokenizer.to_str())["model"]["merges"]
+    assert _field_value(reader, "tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in saved]
+
+    # Every tensor, read back and un-permuted, equals ours.
+    state = {name: tensor.float() for name, tensor in model.state_dict().items()}
+    H, K, D, F = 4, 2, 16, 96
+    expected = {"token_embd.weight": state["tok_emb.weight"], "output.weight": state["lm_head.weight"],
+                "output_norm.weight": state["norm_f.weight"]}
+    for i in range(config.n_layer):
+        q, k, v = state[f"blocks.{i}.attn.qkv.weight"].split([H * D, K * D, K * D])
+        gate, up = state[f"blocks.{i}.mlp.fc.weight"].split([F, F])
+        expected.update({f"blk.{i}.attn_q.weight": q, f"blk.{i}.attn_k.weight": k, f"blk.{i}.attn_v.weight": v,
+                         f"blk.{i}.attn_output.weight": state[f"blocks.{i}.attn.proj.weight"],
+                         f"blk.{i}.ffn_gate.weight": gate, f"blk.{i}.ffn_up.weight": up,
+                         f"blk.{i}.ffn_down.weight": state[f"blocks.{i}.mlp.proj.weight"],
+                         f"blk.{i}.attn_norm.weight": state[f"blocks.{i}.norm1.weight"],
+                         f"blk.{i}.ffn_norm.weight": state[f"blocks.{i}.norm2.weight"]})
+    found = {tensor.name: tensor for tensor in reader.tensors}
+    assert set(found) == set(expected)
+    tolerance = 0 if dtype == "float32" else 1e-3
+    for name, tensor in found.items():
+        array = torch.from_numpy(np.array(tensor.data, dtype=np.float32)).reshape(expected[name].shape)
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            array = pairs_to_halves(array, H if "attn_q" in name else K)
+        torch.testing.assert_close(array, expected[name], atol=tolerance, rtol=tolerance, msg=name)
+        if array.dim() == 1:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32  # norms stay float32
+        else:
+            assert tensor.tensor_type == (gguf.GGMLQuantizationType.F32 if dtype == "float32"
+                                          else gguf.GGMLQuantizationType.F16)
+
+
+def test_gguf_tied_model_has_no_output_tensor(tmp_path, tokenizer):
+    gguf = pytest.importorskip("gguf", reason="gguf is not installed")
+    run, _ = make_run(tmp_path / "run", llama_config(tie_embeddings=True), tokenizer)
+    reader = gguf.GGUFReader(export(run, "gguf", tmp_path / "gguf") / "model.gguf")
+    assert "output.weight" not in {tensor.name for tensor in reader.tensors}
+
+
+def test_pairs_permutation_is_the_rotary_layout_change():
+    """Rotating halves with W equals rotating adjacent pairs with halves_to_pairs(W), then un-permuting."""
+    torch.manual_seed(0)
+    H, D, C = 2, 8, 5
+    weight, x = torch.randn(H * D, C), torch.randn(C)
+    angles = torch.tensor([0.3, 1.1, -0.7, 2.0])  # one angle per pair index
+    y = (weight @ x).view(H, D)
+    first, second = y[:, : D // 2], y[:, D // 2:]
+    halves = torch.cat([first * angles.cos() - second * angles.sin(), second * angles.cos() + first * angles.sin()], 1)
+    z = (halves_to_pairs(weight, H) @ x).view(H, D // 2, 2)
+    even, odd = z[..., 0], z[..., 1]
+    pairs = torch.stack([even * angles.cos() - odd * angles.sin(), odd * angles.cos() + even * angles.sin()], -1)
+    torch.testing.assert_close(pairs_to_halves(pairs.reshape(H * D, 1), H).view(H, D), halves)
+    torch.testing.assert_close(pairs_to_halves(halves_to_pairs(weight, H), H), weight)
+
+
+@pytest.mark.parametrize("config, field", [
+    (gpt2_config(), "position='learned'"),
+    (llama_config(mlp="gelu"), "mlp='gelu'"),
+    (llama_config(bias=True), "bias=True"),
+    (llama_config(sliding_window=4), "sliding_window=4"),
+])
+def test_gguf_refuses_non_llama_models(tmp_path, tokenizer, config, field):
+    run, _ = make_run(tmp_path / "run", config, tokenizer)
+    with pytest.raises(UserError, match=field):
+        export(run, "gguf", tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return llama_cpp
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_llama_cpp() is None, reason="llama-cpp-python is not installed (it compiles llama.cpp)")
+def test_gguf_greedy_matches_llama_cpp(tmp_path, tokenizer):
+    llama_cpp = _llama_cpp()
+    config = llama_config(vocab_size=320, context_length=64, tie_embeddings=False)
+    run, model = make_run(tmp_path / "run", config, tokenizer)
+    out = export(run, "gguf", tmp_path / "gguf")
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=64, logits_all=True, verbose=False, seed=0)
+    prompt = tokenizer.encode("Once upon a time, Lily", add_special_tokens=False).ids
+    assert llm.tokenize(b"Once upon a time, Lily", add_bos=False, special=True) == prompt
+    llm.eval(prompt)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0][0].numpy()
+    theirs = np.array(llm.scores[: len(prompt)])
+    np.testing.assert_allclose(theirs, ours, atol=2e-3)
+    expected = greedy(model, prompt, 10, stop=tokenizer.token_to_id(EOT))
+    llm.reset()
+    produced = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        if len(produced) == len(expected):
+            break
+        produced.append(token)
+    assert produced == expected
+
+
+# --- safetensors directory ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_safetensors_dir_is_loadable(tmp_path, tokenizer, dtype):
+    config = gpt2_config(tie_embeddings=False)
+    run, model = make_run(tmp_path / "run", config, tokenizer)
+    out = export(run, "safetensors", tmp_path / "st", dtype=dtype)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                    "tokenizer_meta.json"]
+    with safe_open(out / "model.safetensors", "pt") as file:
+        assert {file.get_tensor(name).dtype for name in file.keys()} == {getattr(torch, dtype)}
+    directory, home = resolve_checkpoint(out)
+    assert directory == home == out
+    loaded = build_model(load_run_config(home).model, load_weights(directory)).eval()
+    tokens = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        atol = 0 if dtype == "float32" else 0.05
+        torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0], atol=atol, rtol=0 if atol == 0 else 0.01)
+
+
+def test_safetensors_dir_loads_with_load_run(tmp_path, tokenizer):
+    pytest.importorskip("tinystories.tokenizer", reason="tokenizer.py (load_tokenizer) has not landed yet")
+    from tinystories.checkpoint import load_run
+
+    run, model = make_run(tmp_path / "run", llama_config(), tokenizer)
+    out = export(run, "safetensors", tmp_path / "st", checkpoint="best")
+    loaded, loaded_tokenizer, run_config = load_run(out)
+    assert run_config.model == model.config
+    assert loaded_tokenizer.encode(SENTENCES[0]) == tokenizer.encode(SENTENCES[0], add_special_tokens=False).ids
+    tokens = torch.randint(0, 320, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0], atol=0, rtol=0)
+
+
+# --- atomic output, bad input, CLI ----------------------------------------------------------------
+
+
+def test_failed_export_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+    import tinystories.export as export_module
+
+    run, _ = make_run(tmp_path / "run", llama_config(), tokenizer)
+
+    def broken_writer(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export_module, "write_gguf_dir", broken_writer)
+    with pytest.raises(RuntimeError):
+        export(run, "gguf", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_existing_output_needs_force(tmp_path, tokenizer):
+    run, _ = make_run(tmp_path / "run", llama_config(), tokenizer)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not empty"):
+        export(run, "safetensors", out)
+    assert (out / "old.txt").read_text() == "keep me"
+    export(run, "safetensors", out, force=True)
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+    with pytest.raises(ExportError, match="overwrite the model"):
+        export(run, "safetensors", run, force=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["export", "{run}", "--format", "onnx", "--out", "{out}"], "--format 'onnx': expected one of hf, gguf"),
+    (["export", "{run}", "--format", "hf", "--out", "{out}", "--dtype", "int8"], "--dtype 'int8'"),
+    (["export", "{tmp}/missing", "--format", "hf", "--out", "{out}"], "no such run"),
+    (["export", "{run}", "--format", "llama2c", "--out", "{out}", "--dtype", "float16"], "float32 only"),
+    (["export", "{run}", "--format", "hf", "--out", "{out}", "--checkpoint", "latest"], "--checkpoint"),
+    (["export", "{gpt2run}", "--format", "gguf", "--out", "{out}"], "position='learned'"),
+    (["import", "onnx", "{tmp}/m.bin", "--tokenizer", "{tmp}/t.bin", "--out", "{out}"], "import format 'onnx'"),
+    (["import", "llama2c", "{tmp}/m.bin", "--tokenizer", "{tmp}/t.bin", "--out", "{out}"], "no such file"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, tokenizer, capsys, argv, message):
+    run, _ = make_run(tmp_path / "run", llama_config(), tokenizer)
+    make_run(tmp_path / "gpt2run", gpt2_config(), tokenizer)
+    names = {"run": run, "out": tmp_path / "out", "tmp": tmp_path, "gpt2run": tmp_path / "gpt2run"}
+    assert main([part.format(**names) for part in argv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("tinystories: error: ") and error.count("\n") == 1
+    assert message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_success(tmp_path, tokenizer, capsys):
+    run, _ = make_run(tmp_path / "run", llama_config(), tokenizer)
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf"), "--dtype", "float16"]) == 0
+    assert "exported" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(
+        os.listdir(tmp_path / "hf"))
+    assert json.loads(Path(tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
