@@ -1,0 +1,84 @@
+"""Shared fixtures: where the TinyStories text and GPT-2 files are, and a small prepared shard dir.
+
+The text is never copied into the repository: tests read it from the shared folder
+(`$TINYSTORIES_DATA`, default `../shared/data/tinystories` from the repository root) and write any
+slices they need into pytest's temporary directories.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tinystories.tokenizer import EOT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMALL_TRAIN_STORIES = 300
+SMALL_VAL_STORIES = 50
+SMALL_BPE_SPEC = "bpe:512"
+
+
+def _env_path(variable: str, default: str) -> Path:
+    value = os.environ.get(variable)
+    return Path(value) if value else (REPO_ROOT / default).resolve()
+
+
+def write_story_file(path: Path, stories: list[str]) -> Path:
+    """Write `stories` in the TinyStories text layout: each story followed by a line `<|endoftext|>`."""
+    path.write_text("".join(f"{story}\n{EOT}\n" for story in stories), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Folder holding train.txt.gz and valid.txt.gz (skips the test when it is absent)."""
+    folder = _env_path("TINYSTORIES_DATA", "../shared/data/tinystories")
+    if not (folder / "train.txt.gz").is_file() or not (folder / "valid.txt.gz").is_file():
+        pytest.skip(f"TinyStories text not found in {folder}; set TINYSTORIES_DATA")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir() -> Path:
+    """Folder holding GPT-2's encoder.json and vocab.bpe (skips the test when it is absent)."""
+    folder = _env_path("TINYSTORIES_GPT2_DIR", "../shared/data/gpt2")
+    if not (folder / "encoder.json").is_file() or not (folder / "vocab.bpe").is_file():
+        pytest.skip(f"GPT-2 BPE files not found in {folder}; set TINYSTORIES_GPT2_DIR")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def valid_stories(data_dir: Path) -> list[str]:
+    """Every story of the shared validation file (about 1,300)."""
+    from tinystories.data import read_stories
+
+    return list(read_stories(data_dir / "valid.txt.gz"))
+
+
+@pytest.fixture(scope="session")
+def small_story_files(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(train.txt, valid.txt) in a temporary folder: the first 300 train and 50 valid stories."""
+    from itertools import islice
+
+    from tinystories.data import read_stories
+
+    folder = tmp_path_factory.mktemp("small_stories")
+    train = list(islice(read_stories(data_dir / "train.txt.gz"), SMALL_TRAIN_STORIES))
+    val = list(islice(read_stories(data_dir / "valid.txt.gz"), SMALL_VAL_STORIES))
+    return write_story_file(folder / "train.txt", train), write_story_file(folder / "valid.txt", val)
+
+
+@pytest.fixture(scope="session")
+def prepared_small(small_story_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shard dir prepared from `small_story_files` with a bpe:512 tokenizer. Treat as read-only.
+
+    Holds train.bin, val.bin, meta.json, tokenizer.json and tokenizer_meta.json (see tinystories.data).
+    """
+    from tinystories.data import prepare
+
+    train, val = small_story_files
+    out_dir = tmp_path_factory.mktemp("prepared_small")
+    prepare([train], out_dir, SMALL_BPE_SPEC, [val], progress=False)
+    return out_dir

@@ -1,0 +1,260 @@
+"""Tokenizers: exact round trips, GPT-2 ids equal tiktoken's, save/load, bad specs."""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from tinystories.data import read_stories
+from tinystories.tokenizer import (
+    EOT,
+    BPETokenizer,
+    BytesTokenizer,
+    TokenizerError,
+    bytes_to_unicode,
+    load_tokenizer,
+    make_tokenizer,
+)
+
+# Text that byte-level tokenizers must not alter: leading/trailing/repeated spaces, tabs, CRLF,
+# blank lines, curly quotes, accents, CJK, emoji, a NUL and a lone combining mark.
+TRICKY_TEXTS = [
+    " leading space",
+    "trailing spaces   ",
+    "two  spaces\tand a tab",
+    "\n\nblank lines first\n\n\nand inside\n",
+    "windows\r\nline\r\nends\r\n",
+    "“Curly” quotes and it’s — dashes…",
+    "naïve café Ångström; e\u0301 (decomposed, must stay decomposed)",
+    "日本語のテキスト and 😀🐶 emoji",
+    "nul\x00byte",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def train_sample(data_dir: Path) -> list[str]:
+    """The first 3,000 training stories (enough to train bpe:4096 in about a second)."""
+    return list(islice(read_stories(data_dir / "train.txt.gz"), 3000))
+
+
+@pytest.fixture(scope="module")
+def bpe4096(train_sample: list[str]) -> BPETokenizer:
+    tokenizer = make_tokenizer("bpe:4096", train_sample)
+    assert isinstance(tokenizer, BPETokenizer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir: Path) -> BPETokenizer:
+    tokenizer = make_tokenizer("gpt2", gpt2_dir=gpt2_dir)
+    assert isinstance(tokenizer, BPETokenizer)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def reference_gpt2(gpt2_dir: Path):
+    """tiktoken's GPT-2 encoding built here, independently, from the local files (no network)."""
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference for GPT-2 ids")
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    encoder = json.loads((gpt2_dir / "encoder.json").read_text(encoding="utf-8"))
+    ranks = {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items() if token != EOT}
+    return tiktoken.Encoding(
+        "gpt2-local",
+        pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+        mergeable_ranks=ranks,
+        special_tokens={EOT: 50256},
+        explicit_n_vocab=50257,
+    )
+
+
+def _hf_engine(tokenizer: BPETokenizer) -> BPETokenizer:
+    """The same tokenizer encoding through Hugging Face `tokenizers` instead of tiktoken."""
+    return BPETokenizer(tokenizer._hf, tokenizer.kind, tokenizer.spec, use_tiktoken=False)
+
+
+# --- bytes ----------------------------------------------------------------------------------------
+
+
+def test_bytes_ids_are_utf8_bytes_and_eot_is_256() -> None:
+    tokenizer = make_tokenizer("bytes")
+    assert (tokenizer.kind, tokenizer.spec, tokenizer.vocab_size, tokenizer.eot_id) == ("bytes", "bytes", 257, 256)
+    # "é" is C3 A9 in UTF-8.
+    assert tokenizer.encode("Hi é") == [72, 105, 32, 0xC3, 0xA9]
+    assert tokenizer.encode(f"a{EOT}b") == [97, 256, 98]
+    assert tokenizer.decode([72, 105, 256]) == f"Hi{EOT}"
+
+
+# --- round trips ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe", "gpt2"])
+def test_every_validation_story_round_trips(kind: str, valid_stories: list[str], request) -> None:
+    tokenizer = {"bytes": BytesTokenizer, "bpe": lambda: request.getfixturevalue("bpe4096"),
+                 "gpt2": lambda: request.getfixturevalue("gpt2")}[kind]()
+    assert len(valid_stories) > 1000
+    encoded = tokenizer.encode_batch(valid_stories)
+    mismatches = [index for index, (ids, story) in enumerate(zip(encoded, valid_stories))
+                  if tokenizer.decode(ids) != story]
+    assert mismatches == []
+    assert all(tokenizer.eot_id not in ids for ids in encoded)  # encode adds no EOT
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe", "gpt2"])
+def test_whitespace_and_unicode_round_trip_exactly(kind: str, request) -> None:
+    tokenizer = {"bytes": BytesTokenizer, "bpe": lambda: request.getfixturevalue("bpe4096"),
+                 "gpt2": lambda: request.getfixturevalue("gpt2")}[kind]()
+    engines = [tokenizer] if kind == "bytes" else [tokenizer, _hf_engine(tokenizer)]
+    for engine in engines:
+        for text in TRICKY_TEXTS + [f"one{EOT}two", f"{EOT} starts with EOT"]:
+            assert engine.decode(engine.encode(text)) == text, (engine, text)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe", "gpt2"])
+def test_decoding_a_split_utf8_character_does_not_raise(kind: str, request) -> None:
+    tokenizer = {"bytes": BytesTokenizer, "bpe": lambda: request.getfixturevalue("bpe4096"),
+                 "gpt2": lambda: request.getfixturevalue("gpt2")}[kind]()
+    engines = [tokenizer] if kind == "bytes" else [tokenizer, _hf_engine(tokenizer)]
+    for engine in engines:
+        ids = engine.encode("🐶")  # 4 UTF-8 bytes: more than one token in all three vocabularies
+        assert len(ids) > 1
+        for cut in range(1, len(ids)):
+            assert "\ufffd" in engine.decode(ids[:cut])
+        assert engine.decode(ids) == "🐶"
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(bpe4096: BPETokenizer) -> None:
+    with pytest.raises(ValueError):
+        bpe4096.decode([1, 4096])
+    with pytest.raises(ValueError):
+        BytesTokenizer().decode([257])
+
+
+# --- bpe ------------------------------------------------------------------------------------------
+
+
+def test_bpe_has_requested_size_and_eot_first(bpe4096: BPETokenizer) -> None:
+    assert (bpe4096.kind, bpe4096.spec, bpe4096.vocab_size, bpe4096.eot_id) == ("bpe", "bpe:4096", 4096, 0)
+    assert bpe4096.encode(f"The end.{EOT}Once") == bpe4096.encode("The end.") + [0] + bpe4096.encode("Once")
+    # Frequent words are single tokens after training on stories.
+    assert len(bpe4096.encode("Once upon a time")) == 4  # Once, " upon", " a", " time"
+
+
+def test_bpe_fast_engine_matches_hugging_face_tokenizers(bpe4096: BPETokenizer, valid_stories: list[str]) -> None:
+    assert bpe4096.engine == "tiktoken"
+    reference = _hf_engine(bpe4096)
+    assert reference.engine == "tokenizers"
+    assert bpe4096.encode_batch(valid_stories) == reference.encode_batch(valid_stories)
+
+
+def test_bpe_training_is_deterministic(train_sample: list[str]) -> None:
+    first = make_tokenizer("bpe:600", train_sample[:300])
+    second = make_tokenizer("bpe:600", train_sample[:300])
+    assert first._hf.to_str() == second._hf.to_str()
+
+
+def test_bpe_vocab_below_257_is_rejected() -> None:
+    with pytest.raises(TokenizerError, match="at least 257"):
+        make_tokenizer("bpe:256", ["some story"])
+
+
+def test_bpe_vocab_larger_than_the_corpus_supports_is_rejected() -> None:
+    with pytest.raises(TokenizerError, match="larger than the training stories support"):
+        make_tokenizer("bpe:2000", ["a tiny corpus", "with few words"])
+
+
+def test_bpe_without_stories_is_rejected() -> None:
+    with pytest.raises(TokenizerError, match="must be trained"):
+        make_tokenizer("bpe:512")
+    with pytest.raises(TokenizerError, match="no training stories"):
+        make_tokenizer("bpe:512", [])
+
+
+# --- gpt2 -----------------------------------------------------------------------------------------
+
+
+def test_gpt2_ids_equal_tiktoken(gpt2: BPETokenizer, reference_gpt2, valid_stories: list[str], train_sample) -> None:
+    assert (gpt2.kind, gpt2.spec, gpt2.vocab_size, gpt2.eot_id) == ("gpt2", "gpt2", 50257, 50256)
+    stories = valid_stories + train_sample[:500] + TRICKY_TEXTS
+    expected = reference_gpt2.encode_ordinary_batch(stories)
+    assert gpt2.encode_batch(stories) == expected
+    # The tokenizer.json path (what a run dir stores and transformers loads) agrees too.
+    assert _hf_engine(gpt2).encode_batch(stories) == expected
+    assert gpt2.encode(f"Hello{EOT}") == reference_gpt2.encode(f"Hello{EOT}", allowed_special="all")
+    # Hand-checked GPT-2 ids: "Hello" = 15496, " world" = 995.
+    assert gpt2.encode("Hello world") == [15496, 995]
+
+
+def test_gpt2_saved_in_a_run_dir_loads_without_the_shared_files(
+    gpt2: BPETokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpt2.save(tmp_path / "run")
+    monkeypatch.setenv("TINYSTORIES_GPT2_DIR", str(tmp_path / "nowhere"))
+    loaded = load_tokenizer(tmp_path / "run")
+    assert (loaded.kind, loaded.spec, loaded.vocab_size, loaded.eot_id) == ("gpt2", "gpt2", 50257, 50256)
+    text = "Once upon a time, Lily’s dog ran.\nThe end."
+    assert loaded.encode(text) == gpt2.encode(text)
+
+
+def test_gpt2_without_its_files_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerError, match="encoder.json"):
+        make_tokenizer("gpt2", gpt2_dir=tmp_path)
+
+
+# --- saving, loading, specs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe"])
+def test_save_then_load_gives_the_same_tokenizer(kind: str, bpe4096: BPETokenizer, tmp_path: Path) -> None:
+    tokenizer = BytesTokenizer() if kind == "bytes" else bpe4096
+    tokenizer.save(tmp_path)
+    meta = json.loads((tmp_path / "tokenizer_meta.json").read_text())
+    assert meta == {"kind": tokenizer.kind, "spec": tokenizer.spec,
+                    "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
+    assert (tmp_path / "tokenizer.json").exists() == (kind == "bpe")
+    for loaded in (load_tokenizer(tmp_path), make_tokenizer(str(tmp_path))):
+        assert loaded.meta() == tokenizer.meta()
+        text = "Tom and Sue went to the park. “Hi!” said Sue."
+        assert loaded.encode(text) == tokenizer.encode(text)
+    if kind == "bpe":
+        from_file = make_tokenizer(str(tmp_path / "tokenizer.json"))
+        assert from_file.meta() == tokenizer.meta()
+
+
+def test_transformers_loads_the_saved_tokenizer(bpe4096: BPETokenizer, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional (export) dependency")
+    bpe4096.save(tmp_path)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for text in ["Once upon a time, there was a dog.", "  two spaces\nnew line", "“quotes” é 😀"]:
+        ids = fast.encode(text, add_special_tokens=False)
+        assert ids == bpe4096.encode(text)
+        assert fast.decode(ids) == text
+
+
+def test_encode_batch_equals_encode_one_by_one(bpe4096: BPETokenizer) -> None:
+    texts = ["first story", "", "third\nstory " * 50, EOT]
+    assert bpe4096.encode_batch(texts) == [bpe4096.encode(text) for text in texts]
+    assert BytesTokenizer().encode_batch(texts) == [BytesTokenizer().encode(text) for text in texts]
+
+
+@pytest.mark.parametrize("spec", ["wordpiece", "bpe:lots", "bpe4096", "gpt3"])
+def test_unknown_spec_is_a_user_error(spec: str) -> None:
+    with pytest.raises(TokenizerError, match="unknown tokenizer spec"):
+        make_tokenizer(spec, ["a story"])
+
+
+def test_missing_tokenizer_path_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(TokenizerError, match="not found"):
+        make_tokenizer(str(tmp_path / "missing" / "tokenizer.json"))
+    with pytest.raises(TokenizerError, match="no tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_default_bpe_spec_is_4096(train_sample: list[str]) -> None:
+    from tinystories.tokenizer import parse_spec
+
+    assert parse_spec("bpe") == ("bpe", 4096)
+    assert parse_spec("bpe:300") == ("bpe", 300)
