@@ -106,9 +106,9 @@ def llama2c_arrays(config: ModelConfig, weights: dict[str, torch.Tensor]) -> tup
     def fc(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return weights[f"blocks.{i}.mlp.fc.weight"].split([F, F], dim=0)  # gate (w1), up (w3)
 
-    positions = np.arange(config.context_length, dtype=np.float64)[:, None]
-    inverse_frequency = 1.0 / ROPE_THETA ** (np.arange(0, D, 2, dtype=np.float64) / D)
-    angles = positions * inverse_frequency  # (seq_len, D/2)
+    # The RoPE tables exactly as llama2.c's model.py precomputes them (float32); run.c skips them.
+    inverse_frequency = 1.0 / (ROPE_THETA ** (torch.arange(0, D, 2)[: D // 2].float() / D))
+    angles = torch.outer(torch.arange(config.context_length), inverse_frequency).float()  # (seq_len, D/2)
     untied = not config.tie_embeddings
     arrays = [
         weights["tok_emb.weight"].float().numpy(),
@@ -122,8 +122,8 @@ def llama2c_arrays(config: ModelConfig, weights: dict[str, torch.Tensor]) -> tup
         layers(lambda i: weights[f"blocks.{i}.mlp.proj.weight"]),
         layers(lambda i: fc(i)[1]),
         weights["norm_f.weight"].float().numpy(),
-        np.cos(angles),  # run.c skips these two tables; llama2.c's export writes them
-        np.sin(angles),
+        torch.cos(angles).numpy(),
+        torch.sin(angles).numpy(),
     ]
     if untied:
         arrays.append(weights["lm_head.weight"].float().numpy())
