@@ -1,0 +1,823 @@
+"""The training loop: optimizer, schedule, evaluation cadence, logging, checkpoints and resuming.
+
+    train(run_config, out_dir, resume=True, init_from=None) -> summary dict
+
+One call trains (or resumes) the run in `out_dir` (layout in checkpoint.py). The run is reproducible
+bit for bit on CPU across interruptions: `checkpoints/last/state.pt` stores the optimizer, the step
+(which fixes the learning rate), the batch sampler's position, and every RNG (torch CPU and CUDA,
+numpy, python), all as tensors or plain ints so it loads with `torch.load(weights_only=True)`.
+
+Signals: SIGINT and SIGTERM finish the current optimizer step, write `checkpoints/last` and return
+with `summary['stop_reason']` 'sigint' / 'sigterm' (the CLI exits 130 / 143). A second signal while
+that happens raises KeyboardInterrupt (checkpoint writes are atomic, the previous one stays whole).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tinystories import batching
+from tinystories.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    copy_checkpoint,
+    load_run_config,
+    load_training_state,
+    load_weights,
+    load_weights_into,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from tinystories.config import ModelConfig, RunConfig, TrainConfig
+from tinystories.errors import UserError
+
+STATE_VERSION = 1
+
+# bf16 dense peak FLOP/s of known GPUs (no sparsity), matched against torch.cuda.get_device_name().
+GPU_BF16_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "A100": 312e12, "A800": 312e12, "A6000": 155e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+class TrainingError(UserError):
+    """Training cannot start or cannot go on (diverged loss, mismatched data, missing tracker)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices and precision
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """'auto' picks cuda > mps > cpu; an explicit device must be available."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {requested}: CUDA is not available in this torch build/machine")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TrainingError("--device mps: MPS is not available on this machine")
+    return torch.device(requested)
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32: 'auto' means bf16 on CUDA, fp32 elsewhere."""
+    if config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s for MFU: the bf16 peak of a known GPU, a measured fp32 matmul rate on CPU, else None."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_BF16_PEAK_FLOPS.items():
+            if key in name:
+                return value
+        return None
+    if device.type == "cpu":
+        return measure_cpu_matmul_flops()
+    return None
+
+
+def measure_cpu_matmul_flops(size: int = 512, seconds: float = 0.2) -> float:
+    """FLOP/s of a square fp32 matmul on this CPU right now (a practical peak for MFU)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: thread pool start, first-call allocations
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        a @ b
+        count += 1
+    return 2.0 * size ** 3 * count / elapsed
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+
+
+def schedule_progress(step: int, config: TrainConfig, elapsed_seconds: float = 0.0) -> float:
+    """Fraction of training done: max(step / max_steps, elapsed / max_minutes), so time limits anneal too."""
+    progress = step / config.max_steps
+    if config.max_minutes:
+        progress = max(progress, elapsed_seconds / (60.0 * config.max_minutes))
+    return min(progress, 1.0)
+
+
+def lr_multiplier(step: int, config: TrainConfig, elapsed_seconds: float = 0.0) -> float:
+    """The factor applied to each group's peak lr for optimizer update `step` (0-based).
+
+    Linear warmup over the first `warmup_steps` updates: (step + 1) / warmup_steps. Then, with
+    p = schedule_progress and w = warmup_steps / max_steps:
+      cosine:   min + (1 - min) * (1 + cos(pi * (p - w) / (1 - w))) / 2
+      wsd:      1 until p reaches 1 - decay_fraction, then linear to min at p = 1
+      constant: 1
+    where min = min_lr_ratio.
+    """
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = schedule_progress(step, config, elapsed_seconds)
+    floor = config.min_lr_ratio
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "cosine":
+        warmup = min(config.warmup_steps / config.max_steps, 1.0)
+        t = 1.0 if warmup >= 1.0 else min(max((progress - warmup) / (1.0 - warmup), 0.0), 1.0)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    # wsd: warmup, a long stable phase, then a linear decay over the last decay_fraction of training
+    decay_start = 1.0 - config.decay_fraction
+    if config.decay_fraction <= 0 or progress < decay_start:
+        return 1.0
+    t = min((progress - decay_start) / config.decay_fraction, 1.0)
+    return 1.0 - (1.0 - floor) * t
+
+
+def learning_rate(step: int, config: TrainConfig, elapsed_seconds: float = 0.0) -> float:
+    """The AdamW learning rate of update `step` (Muon's is muon_lr times the same multiplier)."""
+    return config.lr * lr_multiplier(step, config, elapsed_seconds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizers
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Split trainable parameters into 'decay' (weight matrices), 'no_decay' (embeddings, norms, biases)
+    and, for Muon, 'hidden' (the 2-D matrices inside transformer blocks, a subset of 'decay').
+
+    Embedding tables are not decayed (a tied output head shares the token embedding and follows it).
+    """
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"decay": [], "no_decay": [], "hidden": []}
+    for name, parameter in model.named_parameters():  # shared (tied) tensors are listed once
+        if not parameter.requires_grad:
+            continue
+        is_matrix = parameter.dim() >= 2 and id(parameter) not in embedding_ids
+        groups["decay" if is_matrix else "no_decay"].append((name, parameter))
+        if is_matrix and parameter.dim() == 2 and name.startswith("blocks."):
+            groups["hidden"].append((name, parameter))
+    return groups
+
+
+class Optimizers:
+    """One or two torch optimizers (Muon + AdamW) driven as one: step, zero_grad, lr, state."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def set_lr_multiplier(self, multiplier: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["peak_lr"] * multiplier
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kinds": [type(o).__name__ for o in self.optimizers],
+                "states": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        kinds = [type(o).__name__ for o in self.optimizers]
+        if list(state.get("kinds", [])) != kinds:
+            raise CheckpointError(f"the checkpoint's optimizer state is for {state.get('kinds')}, "
+                                  f"this run builds {kinds} (was --optimizer changed?)")
+        try:
+            for optimizer, values in zip(self.optimizers, state["states"]):
+                optimizer.load_state_dict(values)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this model ({error})") from None
+
+
+def _adamw(groups: list[dict[str, Any]], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    betas = (config.beta1, config.beta2)
+    if device.type in ("cuda", "cpu", "mps"):
+        try:  # fused: one kernel for all parameters instead of a loop of small ones
+            return torch.optim.AdamW(groups, lr=config.lr, betas=betas, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(groups, lr=config.lr, betas=betas)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> Optimizers:
+    """AdamW (weight decay on matrices only), Muon + AdamW, or bitsandbytes' 8-bit AdamW."""
+    groups = parameter_groups(model)
+
+    def group(params, weight_decay: float, peak_lr: float) -> dict[str, Any]:
+        return {"params": [p for _, p in params], "weight_decay": weight_decay, "lr": peak_lr, "peak_lr": peak_lr}
+
+    if config.optimizer == "muon":
+        hidden_ids = {id(p) for _, p in groups["hidden"]}
+        other_matrices = [(n, p) for n, p in groups["decay"] if id(p) not in hidden_ids]
+        # torch's Muon decays by lr * weight_decay per step, as AdamW does; scale weight_decay so the
+        # hidden matrices shrink at the same per-step rate as they would under AdamW.
+        muon_decay = config.weight_decay * config.lr / config.muon_lr
+        muon = torch.optim.Muon([group(groups["hidden"], muon_decay, config.muon_lr)], lr=config.muon_lr,
+                                weight_decay=muon_decay)
+        adamw_groups = [group(other_matrices, config.weight_decay, config.lr),
+                        group(groups["no_decay"], 0.0, config.lr)]
+        return Optimizers([muon, _adamw([g for g in adamw_groups if g["params"]], config, device)])
+
+    adamw_groups = [group(groups["decay"], config.weight_decay, config.lr), group(groups["no_decay"], 0.0, config.lr)]
+    adamw_groups = [g for g in adamw_groups if g["params"]]
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            warnings.warn("optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes); using AdamW instead",
+                          stacklevel=2)
+        else:
+            return Optimizers([bitsandbytes.optim.AdamW8bit(adamw_groups, lr=config.lr,
+                                                            betas=(config.beta1, config.beta2))])
+    return Optimizers([_adamw(adamw_groups, config, device)])
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state as tensors and plain values (weights_only-loadable)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def capture_rng_state() -> dict[str, Any]:
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": name, "keys": [int(k) for k in keys], "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], np.asarray(numpy_state["keys"], dtype=np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass
+class Shards:
+    """A prepared shards directory: metadata, token memmaps, tokenizer."""
+
+    directory: Path
+    meta: dict[str, Any]
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Any
+
+    @property
+    def val_bytes_per_token(self) -> float:
+        val = split_stats(self.meta, "val")
+        return float(val["bytes"]) / float(val["tokens"])
+
+
+def split_stats(meta: dict[str, Any], split: str) -> dict[str, Any]:
+    """A split's {tokens, stories, bytes} from meta.json (under 'splits', or at the top level)."""
+    return meta.get("splits", meta)[split]
+
+
+def open_shards(directory: str | os.PathLike | None) -> Shards:
+    from tinystories import data
+    from tinystories.tokenizer import load_tokenizer
+
+    if directory is None:
+        raise TrainingError("no data directory: pass --data DIR (a directory made by `tinystories data prepare`)")
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TrainingError(f"--data {directory}: no such directory (prepare one with `tinystories data prepare`)")
+    meta = data.load_meta(directory)
+    return Shards(directory, meta, data.load_tokens(directory, "train"), data.load_tokens(directory, "val"),
+                  load_tokenizer(directory))
+
+
+def adapt_to_data(run_config: RunConfig, data_dir: str | os.PathLike) -> tuple[RunConfig, list[str]]:
+    """Fit a new run's config to its shards: the shards' tokenizer decides vocab_size and tokenizer.
+
+    Returns the adapted config and notes saying what changed.
+    """
+    from tinystories import data
+
+    directory = Path(data_dir)
+    if not directory.is_dir():
+        raise TrainingError(f"--data {directory}: no such directory (prepare one with `tinystories data prepare`)")
+    meta = data.load_meta(directory)
+    notes = []
+    model = run_config.model
+    vocab_size = int(meta["vocab_size"])
+    if vocab_size != model.vocab_size:
+        notes.append(f"vocab_size set to {vocab_size} from the data's tokenizer (the preset says {model.vocab_size})")
+        model = dataclasses.replace(model, vocab_size=vocab_size)
+    tokenizer_spec = _data_tokenizer_spec(directory, run_config.tokenizer)
+    if tokenizer_spec != run_config.tokenizer:
+        notes.append(f"tokenizer is {tokenizer_spec} as in the data (the preset says {run_config.tokenizer})")
+    adapted = dataclasses.replace(run_config, model=model, tokenizer=tokenizer_spec, data=str(directory.resolve()))
+    return adapted, notes
+
+
+def _data_tokenizer_spec(directory: Path, default: str) -> str:
+    """The spec of the tokenizer that made the shards ('bpe:4096', 'gpt2', 'bytes')."""
+    from tinystories.tokenizer import load_tokenizer
+
+    spec = getattr(load_tokenizer(directory), "spec", None)
+    return spec if isinstance(spec, str) and spec else default
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and sampling
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, tokens: np.ndarray, starts: np.ndarray, context_length: int, batch_size: int,
+                  device: torch.device, dtype: torch.dtype | None) -> float:
+    """Mean next-token loss (nats) over the windows at `starts` (the same windows every evaluation)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for offset in range(0, len(starts), batch_size):
+        x, y = batching.windows_at(tokens, starts[offset: offset + batch_size], context_length)
+        x, y = _to_device(x, device), _to_device(y, device)
+        with _autocast(device, dtype):
+            _, loss = model(x, y)
+        total += float(loss) * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def sample_story(model: nn.Module, tokenizer: Any, num_tokens: int, seed: int, temperature: float = 0.7,
+                 top_k: int = 20) -> str:
+    """A short story from EOT with low-temperature top-k sampling (own generator: training RNG untouched)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    length = min(num_tokens, model.config.context_length - 1)
+    generator = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(1, length + 1)
+    next_token = torch.tensor([[tokenizer.eot_id]], device=device)
+    generated: list[int] = []
+    for _ in range(length):
+        logits, _ = model(next_token, cache=cache)  # (1, 1, V)
+        logits = logits[0, -1].float().cpu() / temperature
+        top_values, top_indices = torch.topk(logits, min(top_k, logits.numel()))
+        choice = top_indices[torch.multinomial(torch.softmax(top_values, dim=-1), 1, generator=generator)]
+        token = int(choice)
+        if token == tokenizer.eot_id:
+            break
+        generated.append(token)
+        next_token = torch.tensor([[token]], device=device)
+    model.train(was_training)
+    return tokenizer.decode(generated)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics, plot, trackers
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl: one JSON object per log or eval step; truncated to the checkpoint on resume."""
+
+    def __init__(self, path: Path, resume_offset: int | None):
+        self.path = path
+        if resume_offset is None:
+            path.write_text("")
+        else:
+            with open(path, "a+b") as file:
+                file.truncate(resume_offset)  # drop lines written after the checkpoint we resume from
+        self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        self.records.append(record)
+
+    def offset(self) -> int:
+        return self.path.stat().st_size
+
+
+def plot_metrics(records: list[dict[str, Any]], path: Path) -> None:
+    """Draw train/val loss and grad norm against step into `path` (PNG, written atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    norms = [(r["step"], r["grad_norm"]) for r in records if "train_loss" in r and r.get("grad_norm") is not None]
+    figure = Figure(figsize=(9, 4.5))
+    FigureCanvasAgg(figure)
+    loss_axes, norm_axes = figure.subplots(1, 2)
+    if train:
+        loss_axes.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        loss_axes.plot(*zip(*val), label="val", marker="o", linewidth=1.5)
+    loss_axes.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    loss_axes.legend()
+    loss_axes.grid(alpha=0.3)
+    if norms:
+        norm_axes.plot(*zip(*norms), color="tab:green", linewidth=1)
+        norm_axes.set_yscale("log")
+    norm_axes.set(xlabel="step", ylabel="grad norm (before clipping)", title="gradient norm")
+    norm_axes.grid(alpha=0.3)
+    figure.tight_layout()
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            figure.savefig(file, format="png", dpi=100)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+class Trackers:
+    """Optional Weights & Biases / TensorBoard logging; asking for one that is not installed is a UserError."""
+
+    def __init__(self, config: TrainConfig, run_config: RunConfig, out_dir: Path):
+        self.wandb_run = None
+        self.tensorboard = None
+        if config.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise TrainingError(f"--wandb {config.wandb}: wandb is not installed (pip install wandb)") from None
+            self.wandb_run = wandb.init(project=config.wandb, name=out_dir.name, dir=str(out_dir),
+                                        config=run_config.to_dict(), resume="allow")
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainingError("--tensorboard: tensorboard is not installed (pip install tensorboard)") from None
+            self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=record["step"])
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Signals
+
+
+class StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop polls after each step (so it can checkpoint and exit)."""
+
+    NAMES = {signal.SIGINT: "sigint", signal.SIGTERM: "sigterm"}
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for number in self.NAMES:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt  # a second signal: stop now (checkpoints are atomic)
+        self.received = self.NAMES[number]
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def accumulate_gradients(runnable: nn.Module, model: nn.Module, x: np.ndarray, y: np.ndarray, grad_accum: int,
+                         grad_clip: float, device: torch.device, dtype: torch.dtype | None) -> tuple[float, float, int]:
+    """Forward and backward one optimizer step's batch x, y (N, L) in `grad_accum` micro-batches, then clip.
+
+    Each micro-batch's mean loss is weighted by its share of the step's real (non-padding) targets, so
+    the gradient is that of the mean loss over every real target of the step, however it is split.
+    `runnable` is the model or its compiled wrapper; `model` owns the parameters.
+    Returns (loss, gradient norm before clipping, real target count).
+    """
+    real_tokens = int((y != batching.IGNORE_INDEX).sum())
+    loss_sum = torch.zeros((), device=device)
+    for xs, ys in batching.split_micro_batches(x, y, grad_accum):
+        share = int((ys != batching.IGNORE_INDEX).sum()) / real_tokens
+        xs, ys = _to_device(xs, device), _to_device(ys, device)
+        with _autocast(device, dtype):
+            _, loss = runnable(xs, ys)
+        weighted = loss * share
+        weighted.backward()
+        loss_sum += weighted.detach()
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    return float(loss_sum), float(norm), real_tokens
+
+
+def create_model(config: ModelConfig) -> nn.Module:
+    """Build the model (a seam: tests wrap it to inject faults)."""
+    from tinystories.model import GPT
+
+    return GPT(config)
+
+
+def _format_count(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+def _check_resumable(out_dir: Path, run_config: RunConfig, resume: bool) -> bool:
+    """Whether out_dir holds a run to resume; errors for a run whose model config differs."""
+    config_path = out_dir / "config.json"
+    if not config_path.is_file():
+        return False
+    if not resume:
+        raise TrainingError(f"{out_dir} already holds a run; resume it or choose another --out")
+    saved = load_run_config(out_dir)
+    if saved.model != run_config.model:
+        changed = [f"{k}: {v} -> {getattr(run_config.model, k)}" for k, v in saved.model.to_dict().items()
+                   if getattr(run_config.model, k) != v]
+        raise CheckpointError(f"{config_path}: the saved run has a different model config ({'; '.join(changed)}); "
+                              "resume it unchanged or choose another --out")
+    return (checkpoint_dir(out_dir, "last") / "model.safetensors").exists()
+
+
+def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True,
+          init_from: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) the run in `out_dir`. Returns a summary: best_val_loss, best_val_bpb, steps,
+    tokens, seconds, stop_reason ('max_steps' | 'max_minutes' | 'patience' | 'sigint' | 'sigterm')."""
+    out_dir = Path(out_dir)
+    config = run_config.train
+    resuming = _check_resumable(out_dir, run_config, resume)
+    shards = open_shards(run_config.data)
+    if int(shards.meta["vocab_size"]) > run_config.model.vocab_size:
+        raise TrainingError(f"{shards.directory}: the data's tokenizer has {shards.meta['vocab_size']} tokens but the "
+                            f"model only {run_config.model.vocab_size} (set model.vocab_size to fit)")
+
+    device = select_device(config.device)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    dtype = autocast_dtype(config, device)
+    T = run_config.model.context_length
+
+    seed_everything(config.seed)
+    model = create_model(run_config.model)
+    state = None
+    last_dir, best_dir = checkpoint_dir(out_dir, "last"), checkpoint_dir(out_dir, "best")
+    if resuming:
+        load_weights_into(model, load_weights(last_dir), source=str(last_dir))
+        state = load_training_state(last_dir)
+        if state is None or state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"{last_dir}: no usable training state (state.pt) to resume from")
+    elif init_from is not None or run_config.init_from:
+        source = init_from if init_from is not None else run_config.init_from
+        directory, _ = resolve_checkpoint(source, "best")
+        load_weights_into(model, load_weights(directory), source=str(directory))
+        run_config = dataclasses.replace(run_config, init_from=str(source))
+    model.to(device)
+    model.train()
+
+    optimizer = build_optimizer(model, config, device)
+    batches = batching.make_batches(config.batching, shards.train, T, config.batch_size * config.grad_accum,
+                                    config.seed, shards.tokenizer.eot_id)
+    eval_starts = batching.eval_window_starts(len(shards.val), T, config.eval_tokens)
+    step, tokens, elapsed_before = 0, 0, 0.0
+    best_val_loss, best_step, evals_since_best = math.inf, None, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        try:
+            batches.load_state_dict(state["batches"])
+        except batching.BatchError as error:
+            raise CheckpointError(f"{last_dir}: {error}") from None
+        step, tokens, elapsed_before = int(state["step"]), int(state["tokens"]), float(state["elapsed_seconds"])
+        best_val_loss = float(state["best_val_loss"])
+        best_step = state["best_step"]
+        evals_since_best = int(state["evals_since_best"])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config.save(out_dir / "config.json")
+    if not (out_dir / "tokenizer_meta.json").exists():
+        shards.tokenizer.save(out_dir)  # the run carries its tokenizer: generation needs no data dir
+    metrics = MetricsLog(out_dir / "metrics.jsonl", state["metrics_offset"] if state is not None else None)
+    trackers = Trackers(config, run_config, out_dir)
+    flops_per_token = run_config.model.flops_per_token(T)
+    peak = peak_flops(device)
+    runnable = torch.compile(model) if config.compile else model
+    if state is not None:
+        restore_rng_state(state["rng"])  # last: everything above may have drawn random numbers
+
+    def training_state() -> dict[str, Any]:
+        return {"version": STATE_VERSION, "step": step, "tokens": tokens, "elapsed_seconds": elapsed(),
+                "optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "rng": capture_rng_state(),
+                "best_val_loss": best_val_loss, "best_step": best_step, "evals_since_best": evals_since_best,
+                "metrics_offset": metrics.offset()}
+
+    def save_last() -> None:
+        save_checkpoint(last_dir, model, training_state(), metadata={"step": str(step)})
+
+    start_time = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - start_time
+
+    def out_of_time() -> bool:
+        return config.max_minutes is not None and elapsed() >= 60.0 * config.max_minutes
+
+    bar = _progress_bar(progress, config.max_steps, step)
+    interval_loss, interval_steps, interval_tokens, interval_seconds = 0.0, 0, 0, 0.0
+    last_loss, grad_norm, lr = math.nan, math.nan, learning_rate(step, config, elapsed_before)
+    last_tokens_per_second, smoothed_rate = 0.0, None
+    stop_reason = "max_steps"
+    try:
+        with StopSignals() as signals:
+            while True:
+                if step >= config.max_steps:
+                    stop_reason = "max_steps"
+                    break
+                if out_of_time():
+                    stop_reason = "max_minutes"
+                    break
+                step_start = time.perf_counter()
+                multiplier = lr_multiplier(step, config, elapsed())
+                optimizer.set_lr_multiplier(multiplier)
+                lr = config.lr * multiplier
+                x, y = batches.next_batch()  # (B * grad_accum, L)
+                last_loss, grad_norm, real_tokens = accumulate_gradients(
+                    runnable, model, x, y, config.grad_accum, config.grad_clip, device, dtype)
+                if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
+                    kept = (f"the last good checkpoint is {last_dir} (step {_saved_step(last_dir)})"
+                            if last_dir.exists() else "no checkpoint was saved yet")
+                    raise TrainingError(f"training diverged at step {step + 1}: loss {last_loss}, grad norm "
+                                        f"{grad_norm} (lr {lr:.3g}); {kept}; try a lower --lr or more warmup")
+                optimizer.step()
+                optimizer.zero_grad()
+                step += 1
+                tokens += real_tokens
+                interval_loss += last_loss
+                interval_steps += 1
+                interval_tokens += real_tokens
+                step_seconds = time.perf_counter() - step_start
+                interval_seconds += step_seconds
+                # the bar shows a smoothed per-step rate; metrics.jsonl the exact rate per log interval
+                step_rate = real_tokens / max(step_seconds, 1e-9)
+                smoothed_rate = step_rate if smoothed_rate is None else 0.9 * smoothed_rate + 0.1 * step_rate
+
+                if step % config.log_every == 0 or step == config.max_steps:
+                    last_tokens_per_second = interval_tokens / max(interval_seconds, 1e-9)
+                    record = {"step": step, "tokens": tokens, "train_loss": interval_loss / interval_steps,
+                              "lr": lr, "tokens_per_second": last_tokens_per_second, "grad_norm": grad_norm,
+                              "elapsed_seconds": elapsed()}
+                    if peak:
+                        record["mfu"] = flops_per_token * last_tokens_per_second / peak
+                    metrics.append(record)
+                    trackers.log(record)
+                    interval_loss, interval_steps, interval_tokens, interval_seconds = 0.0, 0, 0, 0.0
+                if bar is not None:
+                    postfix = {"loss": f"{last_loss:.3f}", "lr": f"{lr:.2e}",
+                               "tok/s": _format_count(smoothed_rate)}
+                    if peak:
+                        postfix["mfu"] = f"{100 * flops_per_token * smoothed_rate / peak:.1f}%"
+                    if config.max_minutes:
+                        postfix["left"] = f"{max(0.0, config.max_minutes - elapsed() / 60):.1f}min"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+
+                final = step >= config.max_steps or out_of_time()
+                if step % config.eval_every == 0 or final:
+                    val_loss = evaluate_loss(runnable, shards.val, eval_starts, T, config.batch_size, device, dtype)
+                    val_bpb = val_loss / shards.val_bytes_per_token / math.log(2)
+                    improved = val_loss < best_val_loss
+                    if improved:
+                        best_val_loss, best_step, evals_since_best = val_loss, step, 0
+                    else:
+                        evals_since_best += 1
+                    record = {"step": step, "tokens": tokens, "val_loss": val_loss, "val_bpb": val_bpb, "lr": lr,
+                              "tokens_per_second": last_tokens_per_second, "grad_norm": grad_norm,
+                              "elapsed_seconds": elapsed()}
+                    metrics.append(record)
+                    trackers.log(record)
+                    plot_metrics(metrics.records, out_dir / "loss.png")
+                    save_last()
+                    if improved:
+                        copy_checkpoint(last_dir, best_dir)
+                    _write(bar, f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
+                                f"{' (best)' if improved else ''}")
+                    if config.sample_tokens > 0:
+                        text = sample_story(model, shards.tokenizer, config.sample_tokens, seed=config.seed + step)
+                        _write(bar, f"sample: {text.strip()}")
+                    if config.patience is not None and evals_since_best >= config.patience:
+                        stop_reason = "patience"
+                        _write(bar, f"stopping early: no improvement in {config.patience} evaluations")
+                        break
+                if signals.received is not None:
+                    stop_reason = signals.received
+                    save_last()
+                    _write(bar, f"{stop_reason.upper()}: saved {last_dir} at step {step}; "
+                                "run the same command again to resume")
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        trackers.close()
+
+    best_bpb = best_val_loss / shards.val_bytes_per_token / math.log(2) if math.isfinite(best_val_loss) else None
+    return {"best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None, "best_val_bpb": best_bpb,
+            "best_step": best_step, "steps": step, "tokens": tokens, "seconds": elapsed(),
+            "stop_reason": stop_reason, "out_dir": str(out_dir)}
+
+
+def _saved_step(directory: Path) -> Any:
+    state = load_training_state(directory)
+    return state.get("step") if state else "?"
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _write(bar, message: str) -> None:
+    if bar is not None:
+        bar.write(message, file=sys.stdout)
+    else:
+        print(message, flush=True)
+
+
+def iter_metrics(run_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The records of RUN/metrics.jsonl."""
+    with open(Path(run_dir) / "metrics.jsonl") as file:
+        for line in file:
+            if line.strip():
+                yield json.loads(line)
