@@ -370,6 +370,24 @@ def test_imported_model_exports_to_hf_and_gguf(tmp_path, llama2c_files):
                          int(gguf.TokenType.BYTE)]
 
 
+def test_imported_model_runs_in_llama_cpp(tmp_path, llama2c_files):
+    """The sentencepiece ('llama') GGUF vocabulary: llama.cpp tokenizes and predicts like run.c."""
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed (it compiles llama.cpp)")
+    model_bin, tokenizer_bin, pieces, scores = llama2c_files
+    run = import_llama2c(model_bin, tokenizer_bin, tmp_path / "run")
+    out = export(run, "gguf", tmp_path / "gguf")
+    llm = llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=24, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)  # f32 KV cache
+    text = "Once upon a time, the cat was in the house."
+    prompt = runc_encode(pieces, scores, text)
+    assert llm.tokenize(text.encode(), add_bos=True) == prompt
+    llm.eval(prompt)
+    np.testing.assert_allclose(np.array(llm.scores[: len(prompt)]), RunC(model_bin).logits(prompt), atol=1e-4)
+
+
 # --- the llama2.c tokenizer -----------------------------------------------------------------------
 
 TEXTS = ["Once upon a time, the little cat was in the house.", "", "a", "  two  spaces", "line\nbreak",
