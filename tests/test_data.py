@@ -423,3 +423,15 @@ def test_cli_help_documents_every_prepare_option(capsys) -> None:
     for option in ("--input", "--val-input", "--tokenizer", "--out", "--errors", "--val-fraction", "--quiet"):
         assert option in text
     assert "EOT s1 EOT s2" in text
+
+
+def test_shards_are_identical_without_the_tiktoken_fast_path(prepared_small: Path, small_story_files, tmp_path,
+                                                             monkeypatch) -> None:
+    import tinystories.tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "_tiktoken_engine", lambda *args: None)
+    assert load_tokenizer(prepared_small).engine == "tokenizers"
+    train, val = small_story_files
+    prepare([train], tmp_path, str(prepared_small), [val], progress=False)
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / name).read_bytes() == (prepared_small / name).read_bytes()

@@ -6,6 +6,7 @@ import json
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tinystories.data import read_stories
@@ -71,6 +72,13 @@ def reference_gpt2(gpt2_dir: Path):
     )
 
 
+def tokenizer_of_kind(kind: str, request: pytest.FixtureRequest):
+    """bytes, or the module's trained bpe:4096 / gpt2 fixture (built only when a test needs it)."""
+    if kind == "bytes":
+        return BytesTokenizer()
+    return request.getfixturevalue({"bpe": "bpe4096", "gpt2": "gpt2"}[kind])
+
+
 def _hf_engine(tokenizer: BPETokenizer) -> BPETokenizer:
     """The same tokenizer encoding through Hugging Face `tokenizers` instead of tiktoken."""
     return BPETokenizer(tokenizer._hf, tokenizer.kind, tokenizer.spec, use_tiktoken=False)
@@ -93,8 +101,7 @@ def test_bytes_ids_are_utf8_bytes_and_eot_is_256() -> None:
 
 @pytest.mark.parametrize("kind", ["bytes", "bpe", "gpt2"])
 def test_every_validation_story_round_trips(kind: str, valid_stories: list[str], request) -> None:
-    tokenizer = {"bytes": BytesTokenizer, "bpe": lambda: request.getfixturevalue("bpe4096"),
-                 "gpt2": lambda: request.getfixturevalue("gpt2")}[kind]()
+    tokenizer = tokenizer_of_kind(kind, request)
     assert len(valid_stories) > 1000
     encoded = tokenizer.encode_batch(valid_stories)
     mismatches = [index for index, (ids, story) in enumerate(zip(encoded, valid_stories))
@@ -105,8 +112,7 @@ def test_every_validation_story_round_trips(kind: str, valid_stories: list[str],
 
 @pytest.mark.parametrize("kind", ["bytes", "bpe", "gpt2"])
 def test_whitespace_and_unicode_round_trip_exactly(kind: str, request) -> None:
-    tokenizer = {"bytes": BytesTokenizer, "bpe": lambda: request.getfixturevalue("bpe4096"),
-                 "gpt2": lambda: request.getfixturevalue("gpt2")}[kind]()
+    tokenizer = tokenizer_of_kind(kind, request)
     engines = [tokenizer] if kind == "bytes" else [tokenizer, _hf_engine(tokenizer)]
     for engine in engines:
         for text in TRICKY_TEXTS + [f"one{EOT}two", f"{EOT} starts with EOT"]:
@@ -115,8 +121,7 @@ def test_whitespace_and_unicode_round_trip_exactly(kind: str, request) -> None:
 
 @pytest.mark.parametrize("kind", ["bytes", "bpe", "gpt2"])
 def test_decoding_a_split_utf8_character_does_not_raise(kind: str, request) -> None:
-    tokenizer = {"bytes": BytesTokenizer, "bpe": lambda: request.getfixturevalue("bpe4096"),
-                 "gpt2": lambda: request.getfixturevalue("gpt2")}[kind]()
+    tokenizer = tokenizer_of_kind(kind, request)
     engines = [tokenizer] if kind == "bytes" else [tokenizer, _hf_engine(tokenizer)]
     for engine in engines:
         ids = engine.encode("🐶")  # 4 UTF-8 bytes: more than one token in all three vocabularies
@@ -238,6 +243,17 @@ def test_encode_batch_equals_encode_one_by_one(bpe4096: BPETokenizer) -> None:
     texts = ["first story", "", "third\nstory " * 50, EOT]
     assert bpe4096.encode_batch(texts) == [bpe4096.encode(text) for text in texts]
     assert BytesTokenizer().encode_batch(texts) == [BytesTokenizer().encode(text) for text in texts]
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe", "gpt2"])
+def test_encode_to_numpy_equals_encode(kind: str, valid_stories: list[str], request) -> None:
+    tokenizer = tokenizer_of_kind(kind, request)
+    engines = [tokenizer] if kind == "bytes" else [tokenizer, _hf_engine(tokenizer)]
+    text = "".join(EOT + story for story in valid_stories[:100]) + "\n tail 😀"
+    for engine in engines:
+        array = engine.encode_to_numpy(text)
+        assert array.dtype == np.uint32
+        assert array.tolist() == engine.encode(text)
 
 
 @pytest.mark.parametrize("spec", ["wordpiece", "bpe:lots", "bpe4096", "gpt3"])

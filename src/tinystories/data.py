@@ -415,6 +415,11 @@ def held_out_for_validation(story: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") < fraction * 2**64
 
 
+def _utf8_size(story: str) -> int:
+    """UTF-8 bytes of `story`, without encoding it when it is ASCII (most TinyStories are)."""
+    return len(story) if story.isascii() else len(story.encode("utf-8"))
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id (0 .. vocab_size-1) fits in 16 bits, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
@@ -472,7 +477,7 @@ class _SplitWriter:
             self._write(self._in_flight.popleft().result())
 
     def _encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tokenizer.encode(text), dtype=self._dtype)
+        return self._tokenizer.encode_to_numpy(text).astype(self._dtype, copy=False)
 
     def _write(self, ids: np.ndarray) -> None:
         assert self._handle is not None
@@ -717,14 +722,13 @@ def _write_shards(
                 temporaries.append(temporary)
                 writers[split] = _SplitWriter(temporary, name, tokenizer, dtype, pool, threads * _IN_FLIGHT_PER_THREAD)
             for story in _stories_with_progress(list(train_files), errors, "encoding train", progress):
-                size = len(story.encode("utf-8"))
                 if holdout is not None and held_out_for_validation(story, holdout):
-                    writers["val"].add(story, size)
+                    writers["val"].add(story, _utf8_size(story))
                 else:
-                    writers["train"].add(story, size)
+                    writers["train"].add(story, _utf8_size(story))
             if val_files:
                 for story in _stories_with_progress(list(val_files), errors, "encoding val", progress):
-                    writers["val"].add(story, len(story.encode("utf-8")))
+                    writers["val"].add(story, _utf8_size(story))
             for writer in writers.values():
                 writer.finish()
         finally:
