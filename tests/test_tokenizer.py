@@ -131,11 +131,13 @@ def test_decoding_a_split_utf8_character_does_not_raise(kind: str, request) -> N
         assert engine.decode(ids) == "🐶"
 
 
-def test_decode_rejects_ids_outside_the_vocabulary(bpe4096: BPETokenizer) -> None:
-    with pytest.raises(ValueError):
-        bpe4096.decode([1, 4096])
-    with pytest.raises(ValueError):
-        BytesTokenizer().decode([257])
+@pytest.mark.parametrize("kind", ["bytes", "bpe", "gpt2"])
+def test_ids_outside_the_vocabulary_decode_to_replacement_characters(kind: str, request) -> None:
+    tokenizer = tokenizer_of_kind(kind, request)
+    hi, there = tokenizer.encode("Hi"), tokenizer.encode(" there")
+    outside = tokenizer.vocab_size  # e.g. sampled from a padded embedding table
+    assert tokenizer.decode(hi + [outside] + there) == "Hi\ufffd there"
+    assert tokenizer.decode([-1, outside + 5]) == "\ufffd\ufffd"
 
 
 # --- bpe ------------------------------------------------------------------------------------------

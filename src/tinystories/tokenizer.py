@@ -41,6 +41,7 @@ TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer_meta.json"
 # 256 byte symbols + <|endoftext|>: the smallest vocabulary a byte-level BPE can have.
 MIN_BPE_VOCAB = 257
+_REPLACEMENT_BYTES = "\ufffd".encode("utf-8")
 # The pre-tokenizer regex of GPT-2; Hugging Face's ByteLevel(use_regex=True) uses the same one.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # Text the two encoding engines must agree on before tiktoken is trusted: letters, digits,
@@ -102,7 +103,8 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`. The EOT id becomes the text `<|endoftext|>`; bytes that do not form UTF-8
-        (a sequence cut inside a character) become U+FFFD. ValueError for ids outside the vocabulary."""
+        (a sequence cut inside a character) become U+FFFD, and so does each id outside the vocabulary
+        (a model with a padded embedding table may sample one), so decoding never raises."""
         raise NotImplementedError
 
     def _encode_one(self, text: str) -> list[int]:
@@ -163,7 +165,7 @@ class BytesTokenizer(Tokenizer):
             elif token == self.eot_id:
                 buffer += eot_bytes
             else:
-                raise ValueError(f"token id {token} is outside the bytes vocabulary (0-256)")
+                buffer += _REPLACEMENT_BYTES
         return buffer.decode("utf-8", errors="replace")
 
 
@@ -212,10 +214,22 @@ class BPETokenizer(Tokenizer):
             return list(pool.map(self._encode_one, texts))
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
+        ids = [int(token) for token in ids]
+        if all(0 <= token < self.vocab_size for token in ids):
+            return self._decode_known(ids)
+        # Decode the runs of known ids; each unknown id stands for one U+FFFD.
+        pieces: list[str] = []
+        run: list[int] = []
         for token in ids:
-            if not 0 <= token < self.vocab_size:
-                raise ValueError(f"token id {token} is outside the vocabulary (0-{self.vocab_size - 1})")
+            if 0 <= token < self.vocab_size:
+                run.append(token)
+            else:
+                pieces += (self._decode_known(run), "\ufffd")
+                run = []
+        pieces.append(self._decode_known(run))
+        return "".join(pieces)
+
+    def _decode_known(self, ids: list[int]) -> str:
         if self._tiktoken is not None:
             return self._tiktoken.decode(ids, errors="replace")
         # The ByteLevel decoder turns bytes that are not valid UTF-8 into U+FFFD.
