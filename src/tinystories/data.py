@@ -592,6 +592,8 @@ def _is_up_to_date(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
         return None
     if meta.get("fingerprint") != fingerprint or not (out_dir / "tokenizer_meta.json").is_file():
         return None
+    if meta.get("tokenizer_kind") != "bytes" and not (out_dir / "tokenizer.json").is_file():
+        return None
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in meta["splits"].values():
         path = out_dir / split["file"]
