@@ -223,14 +223,39 @@ def load_imported(run: Path):
 @pytest.mark.parametrize("tied, kv_heads", [(True, 4), (False, 2), (True, 1)])
 def test_exported_bin_runs_like_run_c(tmp_path, tied, kv_heads):
     config = llama_config(n_kv_head=kv_heads, tie_embeddings=tied, d_model=48, d_ff=80, context_length=24)
-    run, model = make_run(tmp_path / "run", config)
+    tokenizer = train_byte_level_bpe()
+    run, model = make_run(tmp_path / "run", config, tokenizer)
     out = export(run, "llama2c", tmp_path / "l2c")
     reference = RunC(out / "model.bin")
     assert (reference.vocab, reference.seq_len, reference.kv_heads) == (320, 24, kv_heads)
+    order = vocab_order(tokenizer, 320)  # llama2.c id -> our id
     tokens = torch.randint(0, 320, (12,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
-        ours = model(torch.tensor([tokens]))[0][0].double().numpy()
+        ours = model(torch.tensor([[order[t] for t in tokens]]))[0][0, :, order].double().numpy()
     np.testing.assert_allclose(reference.logits(tokens), ours, atol=1e-4, rtol=0)
+
+
+def vocab_order(tokenizer, vocab_size: int) -> list[int]:
+    from tinystories.llama2c import byte_level_vocab_order
+
+    return byte_level_vocab_order(json.loads(tokenizer.to_str()), vocab_size, tokenizer.token_to_id(EOT))
+
+
+def test_exported_model_generates_in_run_c_like_ours(tmp_path):
+    """run.c's own prompt encoding works on the relabelled vocabulary: BOS is our EOT, byte fallback is exact."""
+    tokenizer = train_byte_level_bpe()
+    config = llama_config(d_model=48, d_ff=80, context_length=48, tie_embeddings=True)
+    run, model = make_run(tmp_path / "run", config, tokenizer)
+    out = export(run, "llama2c", tmp_path / "l2c")
+    pieces, scores, _ = read_tokenizer_bin(out / "tokenizer.bin", vocab_size=320)
+    assert pieces[1] == EOT.encode() and all(pieces[3 + b] == bytes([b]) for b in range(256))
+    text = "Once upon a time, Lily's café ☃"
+    prompt = runc_encode(pieces, scores, text)
+    assert b"".join(pieces[i] for i in prompt[1:]) == b" " + text.encode()  # run.c's dummy prefix space
+    order = vocab_order(tokenizer, 320)
+    expected = RunC(out / "model.bin").generate_greedy(prompt, 6)
+    produced = greedy(model, [order[i] for i in prompt], 6, stop=tokenizer.token_to_id(EOT))
+    assert len(expected) >= 3 and [order.index(i) for i in produced][: len(expected)] == expected
 
 
 def test_exported_tokenizer_bin_holds_each_tokens_bytes(tmp_path):
@@ -240,13 +265,15 @@ def test_exported_tokenizer_bin_holds_each_tokens_bytes(tmp_path):
     out = export(run, "llama2c", tmp_path / "l2c")
     pieces, scores, max_length = read_tokenizer_bin(out / "tokenizer.bin", vocab_size=330)
     assert max_length == max(len(p) for p in pieces)
+    order = vocab_order(tokenizer, 330)
+    assert sorted(order) == list(range(330))
     text = "Once upon a time, Lily's café had 3 cats!" + EOT
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    assert b"".join(pieces[i] for i in ids) == text.encode("utf-8")
-    assert pieces[tokenizer.token_to_id(EOT)] == EOT.encode() and pieces[325] == b""
+    assert b"".join(pieces[order.index(i)] for i in ids) == text.encode("utf-8")
+    assert pieces[1] == EOT.encode() and pieces[order.index(325)] == b""
     merges = json.loads(tokenizer.to_str())["model"]["merges"]
     first = "".join(merges[0] if isinstance(merges[0], list) else merges[0].split(" "))
-    assert scores[tokenizer.token_to_id(first)] == -1.0  # the first merge scores highest among merges
+    assert scores[order.index(tokenizer.token_to_id(first))] == -1.0  # the first merge scores highest
 
 
 @pytest.mark.parametrize("config, field", [
@@ -330,9 +357,11 @@ def test_export_then_import_gives_identical_weights(tmp_path, tied):
     vocab_size = len(sp_pieces) + 4
     config = llama_config(vocab_size=vocab_size, tie_embeddings=tied, n_kv_head=1, d_model=48, d_ff=80,
                           context_length=24)
-    run, model = make_run(tmp_path / "run", config)
+    tokenizer = train_byte_level_bpe()
+    run, model = make_run(tmp_path / "run", config, tokenizer)
     out = export(run, "llama2c", tmp_path / "l2c")
     assert len(read_tokenizer_bin(out / "tokenizer.bin", vocab_size=vocab_size)[0]) == vocab_size
+    order = vocab_order(tokenizer, vocab_size)
     # Our byte-level vocabulary is no sentencepiece vocabulary: give the import one of the right size.
     sp_pieces += [f"extra{i}".encode() for i in range(4)]
     write_tokenizer_bin_by_hand(tmp_path / "sp.bin", sp_pieces, sp_scores + [-5000.0] * 4)
@@ -340,6 +369,8 @@ def test_export_then_import_gives_identical_weights(tmp_path, tied):
     loaded, _ = load_imported(imported)
     assert load_run_config(imported).model == config
     original = model.state_dict()
+    for name in ("tok_emb.weight", "lm_head.weight"):  # rows relabelled for run.c
+        original[name] = original[name][order]
     for name, tensor in loaded.state_dict().items():
         torch.testing.assert_close(tensor, original[name], atol=0, rtol=0, msg=name)
 

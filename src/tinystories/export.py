@@ -31,7 +31,8 @@ from tinystories.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, build_model, load
                                     resolve_checkpoint, save_checkpoint)
 from tinystories.config import RunConfig, TrainConfig, write_json_atomic
 from tinystories.errors import UserError
-from tinystories.llama2c import (TOKENIZER_BIN, Llama2cTokenizer, byte_level_pieces, read_llama2c_bin,
+from tinystories.llama2c import (TOKENIZER_BIN, Llama2cTokenizer, byte_level_pieces, byte_level_vocab_order,
+                                 read_llama2c_bin,
                                  read_tokenizer_bin, write_llama2c_bin, write_tokenizer_bin)
 
 FORMATS = ("hf", "gguf", "llama2c", "safetensors")
@@ -235,14 +236,22 @@ def write_gguf_dir(source: ExportSource, directory: Path, dtype: str) -> None:
 
 
 def write_llama2c_dir(source: ExportSource, directory: Path, dtype: str) -> None:
-    """model.bin (legacy v0) + tokenizer.bin (copied for imported llama2.c models, else byte pieces)."""
+    """model.bin (legacy v0) + tokenizer.bin.
+
+    An imported llama2.c model goes back as it came (its tokenizer.bin copied). A byte-level BPE is
+    relabelled for run.c (see `byte_level_vocab_order`: EOT at id 1, byte b at id 3 + b); the
+    embedding and classifier rows are permuted with it, so the model computes the same thing.
+    """
     config = source.run_config.model
-    write_llama2c_bin(directory / LLAMA2C_FILE, config, source.weights)
     if source.meta.get("kind") == "llama2c":
+        write_llama2c_bin(directory / LLAMA2C_FILE, config, source.weights)
         shutil.copyfile(source.home / TOKENIZER_BIN, directory / TOKENIZER_BIN)
-    else:
-        pieces, scores = byte_level_pieces(source.tokenizer_json(), config.vocab_size)
-        write_tokenizer_bin(directory / TOKENIZER_BIN, pieces, scores)
+        return
+    tokenizer_json = source.tokenizer_json()
+    order = byte_level_vocab_order(tokenizer_json, config.vocab_size, int(source.meta["eot_id"]))
+    write_llama2c_bin(directory / LLAMA2C_FILE, config, source.weights, vocab_order=order)
+    pieces, scores = byte_level_pieces(tokenizer_json, config.vocab_size)
+    write_tokenizer_bin(directory / TOKENIZER_BIN, [pieces[i] for i in order], [scores[i] for i in order])
 
 
 def import_model(format: str, model_path: str | os.PathLike, out: str | os.PathLike, *,

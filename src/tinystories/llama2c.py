@@ -91,9 +91,17 @@ def check_llama2c_compatible(config: ModelConfig) -> None:
             raise Llama2cError(f"cannot export to llama2c: model config has {field}")
 
 
-def llama2c_arrays(config: ModelConfig, weights: dict[str, torch.Tensor]) -> tuple[bytes, list[np.ndarray]]:
-    """(header bytes, float32 arrays in file order) for a Llama-style model's state dict."""
+def llama2c_arrays(config: ModelConfig, weights: dict[str, torch.Tensor],
+                   vocab_order: Sequence[int] | None = None) -> tuple[bytes, list[np.ndarray]]:
+    """(header bytes, float32 arrays in file order) for a Llama-style model's state dict.
+
+    `vocab_order[new_id] = our_id` relabels the vocabulary (rows of the embedding and classifier).
+    """
     check_llama2c_compatible(config)
+    if vocab_order is not None:
+        rows = torch.as_tensor(list(vocab_order))
+        weights = dict(weights, **{"tok_emb.weight": weights["tok_emb.weight"][rows],
+                                   "lm_head.weight": weights["lm_head.weight"][rows]})
     H, K, D, F, L = config.n_head, config.kv_heads, config.head_dim, config.ffn_dim, config.n_layer
     q_size, kv_size = H * D, K * D
 
@@ -132,9 +140,10 @@ def llama2c_arrays(config: ModelConfig, weights: dict[str, torch.Tensor]) -> tup
     return header, [np.ascontiguousarray(a, dtype="<f4") for a in arrays]
 
 
-def write_llama2c_bin(path: str | os.PathLike, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+def write_llama2c_bin(path: str | os.PathLike, config: ModelConfig, weights: dict[str, torch.Tensor],
+                      vocab_order: Sequence[int] | None = None) -> None:
     """Write the legacy llama2.c checkpoint to `path` (the caller makes it atomic)."""
-    header, arrays = llama2c_arrays(config, weights)
+    header, arrays = llama2c_arrays(config, weights, vocab_order)
     with open(path, "wb") as file:
         file.write(header)
         for array in arrays:
@@ -279,6 +288,27 @@ def write_tokenizer_bin(path: str | os.PathLike, pieces: Sequence[bytes], scores
         for piece, score in zip(pieces, scores):
             file.write(struct.pack("<fi", score, len(piece)))
             file.write(piece)
+
+
+def byte_level_vocab_order(tokenizer_json: dict[str, Any], vocab_size: int, eot_id: int) -> list[int]:
+    """order[llama2c_id] = our id, laying a byte-level vocabulary out the way run.c assumes.
+
+    run.c prepends id 1 (BOS) to every prompt and stops generating when id 1 comes out: our EOT,
+    the story separator, goes there. run.c encodes a character missing from the vocabulary as
+    ids 3 + byte (sentencepiece byte fallback): byte b's token goes to id 3 + b. Every other token
+    keeps its relative order in the remaining ids.
+    """
+    from tinystories.tokenizer import bytes_to_unicode
+
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    order: list[int | None] = [None] * vocab_size
+    order[1] = eot_id
+    for token, token_id in tokenizer_json["model"]["vocab"].items():
+        if len(token) == 1 and token in byte_of and 3 + byte_of[token] < vocab_size and token_id != eot_id:
+            order[3 + byte_of[token]] = token_id
+    placed = {token_id for token_id in order if token_id is not None}
+    remaining = iter(token_id for token_id in range(vocab_size) if token_id not in placed)
+    return [token_id if token_id is not None else next(remaining) for token_id in order]
 
 
 def byte_level_pieces(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[bytes], list[float]]:
