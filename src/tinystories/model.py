@@ -52,43 +52,47 @@ class KVCache:
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE), 'rotate halves' layout as in Hugging Face Llama.
 
-    Feature i of the first half and feature i of the second half form a pair rotated by
-    angle position * theta^(-2i/D).
+    Feature i of the first half and feature i of the second half form a pair (x_i, x_{i+D/2}) rotated by
+    angle position * theta^(-2i/D). Angles are computed in float64 once, for the first `max_positions`.
     """
 
     def __init__(self, head_dim: int, theta: float, max_positions: int):
         super().__init__()
-        inverse_frequency = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.register_buffer("inverse_frequency", inverse_frequency.float(), persistent=False)
-        cos, sin = self._tables(torch.arange(max_positions, dtype=torch.float64), inverse_frequency)
-        self.register_buffer("cos_table", cos.float(), persistent=False)  # (max_positions, D)
-        self.register_buffer("sin_table", sin.float(), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        cos, sin = self._tables(torch.arange(max_positions, dtype=torch.float64))
+        self.register_buffer("cos_table", cos, persistent=False)  # (max_positions, D/2)
+        self.register_buffer("sin_table", sin, persistent=False)
 
-    @staticmethod
-    def _tables(positions: torch.Tensor, inverse_frequency: torch.Tensor):
-        angles = positions[..., None] * inverse_frequency  # (..., D/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (..., D)
-        return angles.cos(), angles.sin()
+    def _tables(self, positions: torch.Tensor):
+        """float64 positions (...) -> float32 cos, sin (..., D/2)."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=positions.device) / self.head_dim
+        angles = positions[..., None] * (1.0 / self.theta ** exponents)  # (..., D/2)
+        return angles.cos().float(), angles.sin().float()
 
-    def forward(self, position_ids: torch.Tensor):
-        """position_ids (T,) or (B, T) -> cos, sin broadcastable against (B, H, T, D)."""
-        if int(position_ids.max()) < self.cos_table.shape[0]:
-            cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]
-        else:  # beyond the precomputed table: compute directly
-            cos, sin = self._tables(position_ids.double(), self.inverse_frequency.double())
-            cos, sin = cos.float(), sin.float()
-        if position_ids.dim() == 1:
-            return cos[None, None], sin[None, None]  # (1, 1, T, D)
-        return cos[:, None], sin[:, None]  # (B, 1, T, D)
+    def forward(self, start: int, length: int, position_ids: torch.Tensor | None = None):
+        """cos, sin (T, 1, D/2) for positions [start, start+T), or (B, T, 1, D/2) for position_ids (B, T).
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+        Shaped to broadcast against the (B, T, heads, D/2) halves of queries and keys.
+        """
+        if position_ids is None:
+            if start + length <= self.cos_table.shape[0]:
+                # The training path: a slice is a view, with no gather and no host-device sync.
+                cos, sin = self.cos_table[start:start + length], self.sin_table[start:start + length]
+            else:  # beyond the precomputed table: compute directly
+                positions = torch.arange(start, start + length, dtype=torch.float64, device=self.cos_table.device)
+                cos, sin = self._tables(positions)
+        elif int(position_ids.max()) < self.cos_table.shape[0]:
+            cos, sin = self.cos_table[position_ids], self.sin_table[position_ids]  # (T|B,T, D/2)
+        else:
+            cos, sin = self._tables(position_ids.double())
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return (x * cos + rotate_half(x) * sin).type_as(x)
+    """Rotate each pair (x_i, x_{i+D/2}) of x (..., D) by the angle whose cos/sin (..., D/2) are given."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    return rotated.type_as(x)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -111,27 +115,27 @@ class Attention(nn.Module):
 
     def forward(self, x, rotary, mask, cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv(x).view(B, T, H + 2 * K, D)  # (B, T, H+2K, D)
         if rotary is not None:
+            # Rotate queries and keys together in the (B, T, heads, D) layout the matmul produced:
+            # one pass over contiguous rows instead of two over transposed views.
             cos, sin = rotary
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            qk = apply_rotary(qkv[:, :, :H + K], cos, sin)  # (B, T, H+K, D)
+        else:
+            qk = qkv[:, :, :H + K]
+        q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
+        v = qkv[:, :, H + K:].transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.write(self.layer_index, start, k, v)  # (B, K, S, D)
-        if self.n_kv_head != self.n_head:
-            repeats = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(repeats, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(repeats, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
             is_causal=mask is None and cache is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=K != H,  # shared key/value heads are broadcast inside the kernel, not copied
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, H*D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.proj(y)
 
 
@@ -222,24 +226,28 @@ class GPT(nn.Module):
 
         targets (B, T): next-token ids, -1 where no loss is wanted (padding).
         cache: attend to earlier tokens stored in it and append these T tokens.
-        position_ids (T,) or (B, T): positions of the new tokens (default: slot indices).
+        position_ids (T,) or (B, T): positions of the new tokens (default: slot indices start..start+T-1).
         key_padding_mask (B, S): True for real tokens, False for padding, over all slots up to S.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_length:
             raise ValueError(f"KV cache holds {cache.max_length} tokens; cannot add {T} to {start}")
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=idx.device)  # (T,)
 
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            if int(position_ids.max()) >= self.config.context_length:
-                raise ValueError(f"position {int(position_ids.max())} is beyond the learned positions "
-                                 f"(context_length {self.config.context_length})")
-            x = x + self.pos_emb(position_ids)
+            if position_ids is None:
+                if start + T > self.config.context_length:
+                    raise ValueError(f"position {start + T - 1} is beyond the learned positions "
+                                     f"(context_length {self.config.context_length})")
+                x = x + self.pos_emb.weight[start:start + T]  # (T, C): a slice, not a gather
+            else:
+                if int(position_ids.max()) >= self.config.context_length:
+                    raise ValueError(f"position {int(position_ids.max())} is beyond the learned positions "
+                                     f"(context_length {self.config.context_length})")
+                x = x + self.pos_emb(position_ids)
         x = self.dropout(x)
-        rotary = self.rotary(position_ids) if self.rotary is not None else None
+        rotary = self.rotary(start, T, position_ids) if self.rotary is not None else None
         mask = self._attention_mask(T, start, key_padding_mask, cache is not None, idx.device)
 
         for block in self.blocks:
