@@ -1,0 +1,301 @@
+"""Generation: sampling filters, KV cache vs no cache, batching, rolling past the context, text
+assembly (UTF-8, stop strings), streaming, int8, the Python API and the `generate` CLI."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinystories import cli
+from tinystories.checkpoint import save_checkpoint
+from tinystories.config import ModelConfig, RunConfig, TrainConfig
+from tinystories.generate import (
+    Chunk,
+    Completion,
+    Decoder,
+    LanguageModel,
+    SamplingConfig,
+    SamplingError,
+    TextAssembler,
+    apply_repetition_penalty,
+    filter_top_k,
+    filter_top_p,
+    load_model,
+    sample_next,
+)
+from tinystories.model import GPT
+from tinystories.tokenizer import BytesTokenizer
+
+EOT_ID = 256  # BytesTokenizer: ids 0-255 are bytes, 256 is <|endoftext|>
+
+
+def random_model(seed: int = 0, std: float = 0.3, **overrides) -> GPT:
+    """A random-weight model with large enough weights that greedy decoding does not repeat one token."""
+    values = dict(vocab_size=257, context_length=16, n_layer=2, n_head=4, d_model=32, tie_embeddings=False)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(**values))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, std)
+        # The <|endoftext|> logit is 0, below the largest of 256 random logits: stories do not end early.
+        model.lm_head.weight[EOT_ID] = 0.0
+    return model.eval()
+
+
+VARIANTS = {
+    "rope-mha": {},
+    "rope-gqa": dict(n_kv_head=2),
+    "rope-mqa-window": dict(n_kv_head=1, sliding_window=5),
+    "learned-gelu-layernorm": dict(position="learned", mlp="gelu", norm="layernorm", bias=True),
+    "learned-window": dict(position="learned", sliding_window=6, n_kv_head=2),
+}
+
+
+# --- sampling filters ----------------------------------------------------------------------------
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = filter_top_k(logits, 2)
+    assert torch.isfinite(kept).tolist() == [[False, True, False, True, False]]
+    assert kept[0, 1] == 5.0 and kept[0, 3] == 4.0
+    assert torch.equal(filter_top_k(logits, 0), logits)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.1, 0.5, 0.25, 0.15]])
+    logits = probs.log()
+    # sorted: 0.5, 0.25, 0.15, 0.1 -> cumulative 0.5, 0.75, 0.9, 1.0
+    assert torch.isfinite(filter_top_p(logits, 0.5)).tolist() == [[False, True, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.6)).tolist() == [[False, True, True, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.85)).tolist() == [[False, True, True, True]]
+    assert torch.isfinite(filter_top_p(logits, 0.01)).tolist() == [[False, True, False, False]]
+    assert torch.equal(filter_top_p(logits, 1.0), logits)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative():
+    logits = torch.tensor([[2.0, -2.0, 4.0, -1.0]])
+    present = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, present, 2.0).tolist() == [[1.0, -4.0, 4.0, -1.0]]
+
+
+def test_greedy_is_argmax_and_penalty_changes_the_choice():
+    logits = torch.tensor([[3.0, 2.5, -1.0]])
+    assert sample_next(logits, SamplingConfig(temperature=0), None).tolist() == [0]
+    present = torch.tensor([[True, False, False]])
+    assert sample_next(logits, SamplingConfig(temperature=0, repetition_penalty=1.5), None, present).tolist() == [1]
+
+
+def test_sampling_follows_the_filtered_distribution():
+    logits = torch.tensor([[0.0, math.log(3.0), -1e9, math.log(6.0)]]).repeat(20000, 1)
+    generator = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, SamplingConfig(temperature=1.0), generator)
+    frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(frequencies, torch.tensor([0.1, 0.3, 0.0, 0.6]), atol=0.015)
+    # top_k=2 renormalises over {1, 3}: 1/3, 2/3; temperature 0.5 squares the odds: 1/5, 4/5
+    draws = sample_next(logits, SamplingConfig(temperature=0.5, top_k=2), generator)
+    frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(frequencies, torch.tensor([0.0, 0.2, 0.0, 0.8]), atol=0.015)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(stop=("",)), "stop"),
+])
+def test_sampling_config_rejects_bad_values(options, message):
+    with pytest.raises(SamplingError, match=message):
+        SamplingConfig(**options)
+
+
+def test_unknown_sampling_option_is_a_clear_error():
+    lm = LanguageModel(random_model(), BytesTokenizer())
+    with pytest.raises(SamplingError, match="temprature"):
+        lm.generate("x", temprature=0.5)
+
+
+# --- KV cache, rolling, batching -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_and_uncached_logits_agree_with_a_plain_forward(variant):
+    model = random_model(std=0.1, **VARIANTS[variant])  # logits of size ~2: float32 error ~1e-6
+    prompt = [EOT_ID, 72, 101, 108]
+    cached, uncached = Decoder(model, [prompt], use_cache=True), Decoder(model, [prompt], use_cache=False)
+    sequence = list(prompt)
+    for _ in range(model.config.context_length - len(prompt)):
+        with torch.no_grad():
+            reference = model(torch.tensor([sequence]))[0][:, -1]  # independent: the whole sequence at once
+        logits_cached, logits_uncached = cached.next_logits(), uncached.next_logits()
+        assert torch.allclose(logits_cached, reference, atol=1e-5, rtol=0)
+        assert torch.allclose(logits_uncached, reference, atol=1e-5, rtol=0)
+        token = reference.argmax(-1)
+        cached.append(token)
+        uncached.append(token)
+        sequence.append(int(token))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_and_uncached_greedy_tokens_are_identical_past_the_context(variant):
+    lm = LanguageModel(random_model(**VARIANTS[variant]), BytesTokenizer())
+    options = dict(max_new_tokens=45, temperature=0)  # context 16: the window rolls several times
+    with_cache = lm.generate("Once upon", **options)[0]
+    without_cache = lm.generate("Once upon", use_cache=False, **options)[0]
+    assert with_cache.token_ids == without_cache.token_ids
+    assert len(set(with_cache.token_ids)) > 3  # a real test: the output is not one repeated token
+
+
+def test_rolled_window_restarts_positions_at_zero():
+    model = random_model(position="learned")  # learned positions fail loudly beyond the context
+    C = model.config.context_length
+    tokens = [EOT_ID] + list(range(65, 65 + C - 1))  # exactly fills the window
+    decoder = Decoder(model, [tokens], use_cache=True)
+    decoder.next_logits()
+    decoder.append(torch.tensor([90]))
+    assert decoder.rolls == 1
+    kept = (tokens + [90])[-(C // 2):]
+    with torch.no_grad():
+        expected = model(torch.tensor([kept]))[0][:, -1]
+    assert torch.allclose(decoder.next_logits(), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["rope-gqa", "learned-gelu-layernorm", "rope-mqa-window"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_batch_gives_the_same_greedy_tokens_as_each_prompt_alone(variant, use_cache):
+    lm = LanguageModel(random_model(**VARIANTS[variant]), BytesTokenizer())
+    prompts = ["A", "Once upon a", "", "The dog ran"]
+    options = dict(max_new_tokens=30, temperature=0, use_cache=use_cache)
+    batch = lm.generate(prompts, **options)
+    alone = [lm.generate(prompt, **options)[0] for prompt in prompts]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
+    assert [c.prompt_tokens for c in batch] == [1 + len(p) for p in prompts]
+
+
+def test_long_prompt_is_cut_to_the_context_with_a_warning():
+    lm = LanguageModel(random_model(position="learned"), BytesTokenizer())
+    with pytest.warns(UserWarning, match="context length"):
+        completion = lm.generate("x" * 40, max_new_tokens=5, temperature=0)[0]
+    assert completion.prompt_tokens == lm.context_length and len(completion.token_ids) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lm.generate("x" * 10, max_new_tokens=2)  # fits: no warning
+
+
+def test_seed_reproduces_samples_without_touching_the_global_rng():
+    lm = LanguageModel(random_model(), BytesTokenizer())
+    state = torch.get_rng_state()
+    first = lm.generate("Hi", num_samples=3, max_new_tokens=20, seed=7, top_k=50, top_p=0.9, repetition_penalty=1.3)
+    assert torch.equal(state, torch.get_rng_state())
+    again = lm.generate("Hi", num_samples=3, max_new_tokens=20, seed=7, top_k=50, top_p=0.9, repetition_penalty=1.3)
+    other = lm.generate("Hi", num_samples=3, max_new_tokens=20, seed=8, top_k=50, top_p=0.9, repetition_penalty=1.3)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    assert [c.token_ids for c in first] != [c.token_ids for c in other]
+    assert len({tuple(c.token_ids) for c in first}) == 3  # the samples of one batch differ
+    streamed = [chunk.token_id for chunk in lm.stream("Hi", max_new_tokens=20, seed=7, top_k=50)]
+    assert streamed == lm.generate("Hi", max_new_tokens=20, seed=7, top_k=50)[0].token_ids
+
+
+def test_repetition_penalty_reduces_repeats():
+    lm = LanguageModel(random_model(), BytesTokenizer())
+    plain = lm.generate("aaaa", max_new_tokens=40, temperature=0)[0].token_ids
+    penalized = lm.generate("aaaa", max_new_tokens=40, temperature=0, repetition_penalty=100.0)[0].token_ids
+    # a huge penalty makes every present token less likely than any unseen one with a positive logit
+    assert len(set(penalized)) > len(set(plain))
+
+
+# --- stopping and text ---------------------------------------------------------------------------
+
+
+class ScriptedGPT(GPT):
+    """A GPT whose next token is scripted by position: predicts script[p + 1] at position p."""
+
+    def __init__(self, script: list[int], context_length: int = 64):
+        super().__init__(ModelConfig(vocab_size=257, context_length=context_length, n_layer=1, n_head=2, d_model=8))
+        self.script = torch.tensor(script)
+
+    def forward(self, idx, targets=None, *, cache=None, position_ids=None, key_padding_mask=None):
+        start = cache.length if cache is not None else 0
+        super().forward(idx, cache=cache, position_ids=position_ids, key_padding_mask=key_padding_mask)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + idx.shape[1])[None].expand(idx.shape[0], -1)
+        upcoming = self.script[(position_ids + 1).clamp(max=len(self.script) - 1)]  # (B, T)
+        return F.one_hot(upcoming, self.config.vocab_size).float() * 20.0, None
+
+
+def scripted(text: str, ending: list[int] = ()) -> LanguageModel:
+    script = [EOT_ID] + list(text.encode("utf-8")) + list(ending) + [ord("z")] * 100
+    return LanguageModel(ScriptedGPT(script), BytesTokenizer())
+
+
+def test_stops_at_end_of_text():
+    lm = scripted("Hi there.", ending=[EOT_ID])
+    completion = lm.generate("", max_new_tokens=50, temperature=0)[0]
+    assert completion == Completion(text="Hi there.", token_ids=list(b"Hi there."), finish_reason="stop",
+                                    prompt_tokens=1)
+    chunks = list(lm.stream("", max_new_tokens=50, temperature=0))
+    assert "".join(c.text for c in chunks) == "Hi there."
+    assert chunks[-1].token_id == EOT_ID and chunks[-1].finish_reason == "stop"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_stops_at_max_new_tokens():
+    lm = scripted("Hi there.", ending=[EOT_ID])
+    completion = lm.generate("", max_new_tokens=4, temperature=0)[0]
+    assert (completion.text, completion.finish_reason) == ("Hi t", "length")
+    chunks = list(lm.stream("", max_new_tokens=4, temperature=0))
+    assert len(chunks) == 4 and chunks[-1].finish_reason == "length"
+
+
+def test_stop_string_cuts_the_text_before_it():
+    lm = scripted("Once upon a time. The end. More")
+    completion = lm.generate("", max_new_tokens=60, temperature=0, stop=("The end", "zzz"))[0]
+    assert (completion.text, completion.finish_reason) == ("Once upon a time. ", "stop")
+    assert bytes(completion.token_ids) == b"Once upon a time. The end"
+    chunks = list(lm.stream("", max_new_tokens=60, temperature=0, stop=["The end"]))
+    assert "".join(c.text for c in chunks) == "Once upon a time. "
+    # "The en" must have been held back, never released before the stop string completed
+    assert all("T" not in c.text for c in chunks)
+
+
+def test_stream_never_releases_half_a_utf8_character():
+    text = "Café 😀 naïve — 日本"
+    lm = scripted(text, ending=[EOT_ID])
+    chunks = list(lm.stream("", max_new_tokens=100, temperature=0))
+    assert "".join(c.text for c in chunks) == text
+    assert all("\ufffd" not in c.text for c in chunks)
+    assert sum(1 for c in chunks if c.text == "") >= 6  # the continuation bytes of é, 😀, ï, —, 日, 本
+
+
+def test_text_assembler_flushes_a_broken_tail_at_the_end():
+    assembler = TextAssembler(BytesTokenizer())
+    for token in b"ok\xe2\x82":  # "ok" then two bytes of a three-byte character
+        assembler.push(token)
+    assert assembler.release() == "ok"
+    assembler.finish()
+    assert assembler.release(final=True) == "\ufffd"
+
+
+def test_generate_returns_samples_grouped_by_prompt():
+    lm = LanguageModel(random_model(), BytesTokenizer())
+    completions = lm.generate(["a", "bb"], num_samples=2, max_new_tokens=3, seed=1)
+    assert [c.prompt_tokens for c in completions] == [2, 2, 3, 3]
+    with pytest.raises(SamplingError, match="num_samples"):
+        lm.generate("a", num_samples=0)
+
+
+def test_stream_should_stop_ends_the_iterator():
+    lm = LanguageModel(random_model(), BytesTokenizer())
+    calls = []
+    chunks = list(lm.stream("a", max_new_tokens=50, should_stop=lambda: len(calls.append(1) or calls) > 3))
+    assert len(chunks) == 3 and all(isinstance(c, Chunk) for c in chunks)
