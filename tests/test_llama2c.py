@@ -301,7 +301,7 @@ def test_import_matches_run_c_logits_and_greedy(tmp_path, llama2c_files):
     model, tokenizer = load_imported(run)
     reference = RunC(model_bin)
 
-    prompt = tokenizer.encode("Once upon a time, the little cat")
+    prompt = [tokenizer.eot_id] + tokenizer.encode("Once upon a time, the little cat")  # as generate.py does
     assert prompt == runc_encode(pieces, scores, "Once upon a time, the little cat")
     with torch.no_grad():
         ours = model(torch.tensor([prompt]))[0][0].double().numpy()
@@ -324,7 +324,7 @@ def test_import_writes_a_run_directory(tmp_path, llama2c_files):
     for which in ("best", "last"):
         assert (run / "checkpoints" / which / "model.safetensors").is_file()
     meta = json.loads((run / "tokenizer_meta.json").read_text())
-    assert meta["kind"] == "llama2c" and meta["eot_id"] == 2 and meta["vocab_size"] == len(pieces)
+    assert meta["kind"] == "llama2c" and meta["eot_id"] == 1 and meta["vocab_size"] == len(pieces)
     assert isinstance(load_any_tokenizer(run), Llama2cTokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "run", "tok.bin"]
 
@@ -340,7 +340,7 @@ def test_import_then_load_run(tmp_path, llama2c_files):
         _, tokenizer, _ = load_run(run)
     except TokenizerError as error:
         pytest.skip(f"tokenizer.load_tokenizer does not know kind 'llama2c' yet ({error})")
-    assert tokenizer.kind == "llama2c" and tokenizer.eot_id == 2
+    assert tokenizer.kind == "llama2c" and tokenizer.eot_id == 1
 
 
 def test_round_trips_are_byte_identical(tmp_path, llama2c_files):
@@ -385,8 +385,8 @@ def test_imported_model_exports_to_hf_and_gguf(tmp_path, llama2c_files):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
     text = "Once upon a time, the cat was little."
-    ids = hf_tokenizer(text)["input_ids"]
-    assert ids == tokenizer.encode(text) == runc_encode(pieces, scores, text)
+    ids = hf_tokenizer(text)["input_ids"]  # transformers adds BOS, as for Llama
+    assert ids == [1] + tokenizer.encode(text) == runc_encode(pieces, scores, text)
     assert hf_tokenizer.decode(ids, skip_special_tokens=True) == text
     with torch.no_grad():
         torch.testing.assert_close(hf_model(torch.tensor([ids])).logits, model(torch.tensor([ids]))[0], atol=1e-4,
@@ -430,7 +430,7 @@ def test_llama2c_tokenizer_encodes_and_decodes_like_run_c(tmp_path, text):
     pieces, scores = sentencepiece_vocab()
     write_tokenizer_bin_by_hand(tmp_path / "tok.bin", pieces, scores)
     tokenizer = Llama2cTokenizer.from_bin(tmp_path / "tok.bin")
-    ids = tokenizer.encode(text)
+    ids = [tokenizer.eot_id] + tokenizer.encode(text)
     assert ids == runc_encode(pieces, scores, text)
     ascii_only = all(ord(c) < 128 for c in text)
     if ascii_only:
@@ -438,7 +438,7 @@ def test_llama2c_tokenizer_encodes_and_decodes_like_run_c(tmp_path, text):
         assert tokenizer.decode(ids) == text  # run.c drops the dummy prefix after BOS
     else:
         assert tokenizer.decode(ids) == text  # run.c itself would drop the byte-fallback bytes >= 0x80
-    assert tokenizer.encode_batch([text, "a"]) == [ids, tokenizer.encode("a")]
+    assert tokenizer.encode_batch([text, "a"]) == [ids[1:], tokenizer.encode("a")]
 
 
 def test_llama2c_tokenizer_save_load(tmp_path):
@@ -447,12 +447,14 @@ def test_llama2c_tokenizer_save_load(tmp_path):
     tokenizer = Llama2cTokenizer.from_bin(tmp_path / "tok.bin")
     tokenizer.save(tmp_path / "saved")
     loaded = Llama2cTokenizer.load(tmp_path / "saved")
-    assert (loaded.kind, loaded.spec, loaded.vocab_size, loaded.eot_id) == ("llama2c", "llama2c", len(pieces), 2)
+    assert (loaded.kind, loaded.spec, loaded.vocab_size, loaded.eot_id) == ("llama2c", "llama2c", len(pieces), 1)
     assert loaded.encode(TEXTS[0]) == tokenizer.encode(TEXTS[0])
     assert (tmp_path / "saved" / "tokenizer.bin").read_bytes() == (tmp_path / "tok.bin").read_bytes()
     # decode of new tokens alone keeps their leading space (run.c only strips it right after BOS)
-    continuation = tokenizer.encode(" the cat")[2:]
-    assert tokenizer.decode(continuation).startswith(" ")
+    ids = tokenizer.encode("Once the cat")
+    assert tokenizer.decode(ids[1:]) == " the cat"
+    assert tokenizer.decode([tokenizer.eot_id] + ids) == "Once the cat"
+    assert tokenizer.decode(ids) == " Once the cat"  # no BOS before it: run.c keeps the dummy-prefix space
 
 
 # --- bad input ------------------------------------------------------------------------------------

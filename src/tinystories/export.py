@@ -206,14 +206,16 @@ def write_hf_dir(source: ExportSource, directory: Path, dtype: str) -> None:
     config = source.run_config.model
     family = hf_architecture(config)
     if source.meta.get("kind") == "llama2c":
-        bos_id, eos_id = 1, 2
+        # llama2.c's models end a story with BOS (1), not </s> (2): generate stops at either, like run.c.
+        bos_id, eos_id, stop_ids = 1, 2, [2, 1]
     else:
         bos_id = eos_id = int(source.meta["eot_id"])
+        stop_ids = eos_id
     state = hf_state_dict(config, source.weights, family)
     save_file(_cast(state, dtype), str(directory / "model.safetensors"), metadata={"format": "pt"})
     write_json_atomic(directory / "config.json", hf_config(config, family, bos_id=bos_id, eos_id=eos_id, dtype=dtype))
     write_json_atomic(directory / "generation_config.json",
-                      {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False})
+                      {"bos_token_id": bos_id, "eos_token_id": stop_ids, "do_sample": False})
     write_json_atomic(directory / TOKENIZER_JSON, source.tokenizer_json())
     token_config = tokenizer_config(source.meta, config.context_length)
     write_json_atomic(directory / "tokenizer_config.json", token_config)

@@ -343,10 +343,15 @@ class Llama2cTokenizer:
 
     Encoding follows run.c's `encode` (a '▁' dummy prefix, per-character lookup with <0xXX> byte
     fallback, then merges by score) through a Hugging Face `tokenizers` BPE built from the pieces.
-    Like llama2.c, `encode` starts the ids with BOS (id 1), the story separator the models were
-    trained with. `decode` follows run.c's `decode`: BOS and EOS print nothing, a leading space
-    is dropped right after BOS, <0xXX> pieces are raw bytes, and unprintable single ASCII bytes are
-    skipped (run.c's `safe_printf`); bytes >= 0x80 are kept so UTF-8 text survives (run.c drops them).
+
+    `eot_id` is BOS (id 1), not </s> (id 2): llama2.c's models were trained with BOS before every
+    story and never saw </s>, and run.c prepends BOS to the prompt and stops when BOS comes out.
+    So our convention ([eot_id] + encode(prompt), stop at eot_id) gives exactly run.c's tokens.
+    `encode` adds no special token (the HF tokenizer.json's post-processor adds BOS for
+    transformers users, as Llama's does). `decode` follows run.c's `decode`: BOS and EOS print
+    nothing, a leading space is dropped right after BOS, <0xXX> pieces are raw bytes, and
+    unprintable single ASCII bytes are skipped (run.c's `safe_printf`); bytes >= 0x80 are kept so
+    UTF-8 text survives (run.c drops them).
     """
 
     kind = "llama2c"
@@ -359,7 +364,8 @@ class Llama2cTokenizer:
         self.pieces = list(pieces)
         self.scores = [float(score) for score in scores]
         self.vocab_size = len(self.pieces)
-        self.unk_id, self.bos_id, self.eot_id = 0, 1, 2
+        self.unk_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.eot_id = self.bos_id  # the story separator (see the class docstring)
         self._hf = self._build_hf_tokenizer(source)
 
     # The HF tokenizer: sentencepiece strings ('▁' for space), BPE merges derived from the scores.
@@ -408,11 +414,11 @@ class Llama2cTokenizer:
         return self._hf
 
     def encode(self, text: str) -> list[int]:
-        """[BOS] + run.c's encoding of `text` (no EOS)."""
-        return self._hf.encode(text).ids
+        """run.c's encoding of `text` without its leading BOS."""
+        return self._hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self._hf.encode_batch(list(texts))]
+        return [encoding.ids for encoding in self._hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         out = bytearray()
@@ -421,7 +427,7 @@ class Llama2cTokenizer:
             token = int(token)
             if not 0 <= token < self.vocab_size:
                 raise ValueError(f"token id {token} is outside the vocabulary (0-{self.vocab_size - 1})")
-            piece = b"" if token in (self.bos_id, self.eot_id) else self.pieces[token]
+            piece = b"" if token in (self.bos_id, self.eos_id) else self.pieces[token]
             if previous == self.bos_id and piece.startswith(b" "):
                 piece = piece[1:]
             match = BYTE_PIECE.fullmatch(piece)
@@ -435,7 +441,7 @@ class Llama2cTokenizer:
 
     def meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "spec": self.spec, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
-                "bos_id": self.bos_id, "unk_id": self.unk_id}
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "unk_id": self.unk_id}
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.bin (the source of truth), tokenizer.json (for HF) and tokenizer_meta.json."""
