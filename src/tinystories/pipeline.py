@@ -1,0 +1,108 @@
+"""The main job, end to end: stories -> shards -> a trained `tiny` model -> three stories and an eval table.
+
+`tinystories demo` (and `make demo`) call `run_demo`. Each stage is an ordinary library call, so this file
+doubles as a map of the pipeline. Every stage reuses its output when re-run: prepared shards are
+fingerprinted and a finished training run is resumed (and so returns at once).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from tinystories.config import RunConfig, apply_overrides
+
+
+@dataclass
+class DemoOptions:
+    out: Path = Path("out/demo")
+    inputs: list[str] | None = None  # raw training text; None: $TINYSTORIES_DATA, else the hub
+    val_inputs: list[str] | None = None
+    preset: str = "tiny"
+    tokenizer: str | None = None  # None: the preset's tokenizer
+    max_minutes: float = 15.0
+    max_steps: int | None = None  # None: the preset's steps (the time limit usually ends training first)
+    overrides: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ("Once upon a time", "Tom and his dog", "The little bird")
+    seed: int = 0
+    eval_samples: int = 20
+    progress: bool = True
+
+
+# The three demo stories: one greedy, two sampled, so a user sees both behaviours.
+DEMO_SAMPLING = (
+    {"temperature": 0.0},
+    {"temperature": 0.8, "top_p": 0.95},
+    {"temperature": 1.0, "top_k": 40},
+)
+
+
+def run_demo(options: DemoOptions, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> dict[str, Any]:
+    """Prepare data, train, generate three stories and evaluate. Returns a summary dict."""
+    from tinystories.data import default_inputs, prepare
+    from tinystories.evaluate import evaluate_generation, evaluate_shards
+    from tinystories.generate import load_model
+    from tinystories.train import train
+
+    out = Path(options.out)
+    run_config = RunConfig.from_preset(options.preset)
+    tokenizer_spec = options.tokenizer or run_config.tokenizer
+
+    # 1. stories -> shards
+    inputs, val_inputs = options.inputs, options.val_inputs
+    if not inputs:
+        inputs, val_inputs = default_inputs()
+    data_dir = out / f"data-{tokenizer_spec.replace(':', '')}"
+    print(f"[1/4] preparing {tokenizer_spec} shards in {data_dir}", file=stderr)
+    prepare([str(p) for p in inputs], data_dir, tokenizer_spec,
+            val_inputs=[str(p) for p in val_inputs] if val_inputs else None, progress=options.progress)
+
+    # 2. shards -> trained run
+    run_dir = out / "run"
+    train_config = replace(run_config.train, max_minutes=options.max_minutes)
+    if options.max_steps is not None:
+        train_config = replace(train_config, max_steps=options.max_steps)
+    run_config = replace(run_config, train=train_config, data=str(data_dir))
+    if options.overrides:
+        run_config = apply_overrides(run_config, list(options.overrides))
+    print(f"[2/4] training {options.preset} for at most {options.max_minutes:g} minutes in {run_dir}", file=stderr)
+    summary = train(run_config, run_dir, resume=True, progress=options.progress)
+
+    # 3. run -> stories
+    print("[3/4] three stories (1 greedy, 2 sampled)", file=stderr)
+    lm = load_model(run_dir, checkpoint="best")
+    for index, (prompt, sampling) in enumerate(zip(options.prompts, DEMO_SAMPLING)):
+        settings = ", ".join(f"{k}={v}" for k, v in sampling.items())
+        print(f"--- story {index + 1} ({settings}, seed {options.seed}) ---", file=stdout)
+        completion = lm.generate(prompt, max_new_tokens=300, seed=options.seed, **sampling)[0]
+        print(prompt + completion.text, file=stdout)
+        print(file=stdout)
+    stdout.flush()
+
+    # 4. run -> evaluation table
+    print("[4/4] evaluating", file=stderr)
+    results = evaluate_shards(lm, data_dir)
+    if options.eval_samples > 0:
+        results.update(evaluate_generation(lm, samples=options.eval_samples, seed=options.seed,
+                                           max_new_tokens=300, temperature=0.8, top_p=0.95))
+    print(format_table(results), file=stdout)
+    print(f"\nloss curve: {run_dir / 'loss.png'}\nrun directory: {run_dir}", file=stdout)
+    return {"train": summary, "eval": results, "run_dir": str(run_dir), "data_dir": str(data_dir)}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A two-column markdown table of the numeric results."""
+    lines = ["| metric | value |", "|---|---|"]
+    for key, value in results.items():
+        if isinstance(value, float):
+            lines.append(f"| {key} | {value:.4f} |")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            lines.append(f"| {key} | {value:,} |")
+    return "\n".join(lines)
+
+
+def default_demo_out() -> Path:
+    return Path(os.environ.get("TINYSTORIES_DEMO_OUT", "out/demo"))
