@@ -625,7 +625,9 @@ def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True
 
     device = select_device(config.device)
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        # every core, unless the user pinned a count the usual way (OMP_NUM_THREADS), e.g. on a shared machine
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else os.cpu_count() or 1)
     dtype = autocast_dtype(config, device)
     T = run_config.model.context_length
 
@@ -679,7 +681,9 @@ def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True
         return {"version": STATE_VERSION, "step": step, "tokens": tokens, "elapsed_seconds": elapsed(),
                 "optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "rng": capture_rng_state(),
                 "best_val_loss": best_val_loss, "best_step": best_step, "evals_since_best": evals_since_best,
-                "metrics_offset": metrics.offset()}
+                "metrics_offset": metrics.offset(),
+                # the log interval in progress, so the first train_loss after a resume averages the same steps
+                "interval": {"loss_sum": interval_loss, "steps": interval_steps}}
 
     def save_last() -> None:
         save_checkpoint(last_dir, model, training_state(), metadata={"step": str(step)})
@@ -694,6 +698,8 @@ def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True
 
     bar = _progress_bar(progress, config.max_steps, step)
     interval_loss, interval_steps, interval_tokens, interval_seconds = 0.0, 0, 0, 0.0
+    if state is not None:
+        interval_loss, interval_steps = float(state["interval"]["loss_sum"]), int(state["interval"]["steps"])
     last_loss, grad_norm, lr = math.nan, math.nan, learning_rate(step, config, elapsed_before)
     last_tokens_per_second, smoothed_rate = 0.0, None
     stop_reason = "max_steps"

@@ -1,0 +1,464 @@
+"""Training: schedule, optimizer groups, accumulation, masking, resume, signals, divergence, run layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinystories import batching
+from tinystories import train as train_module
+from tinystories.checkpoint import CheckpointError, load_training_state, load_weights
+from tinystories.config import ModelConfig, RunConfig, TrainConfig, apply_overrides
+from tinystories.model import GPT
+from tinystories.train import (
+    TrainingError,
+    accumulate_gradients,
+    adapt_to_data,
+    build_optimizer,
+    learning_rate,
+    lr_multiplier,
+    parameter_groups,
+    train,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# A model small enough that a training step takes milliseconds on a shared CPU.
+TINY_OVERRIDES = ["n_layer=1", "d_model=32", "n_head=2", "context_length=32", "batch_size=4", "eval_tokens=256",
+                  "sample_tokens=8", "compile=false", "log_every=1", "eval_every=5", "max_steps=10",
+                  "warmup_steps=2", "device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One CPU thread: the machine is shared, and tiny models run fastest without thread hand-offs."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_run(data: Path, *overrides: str) -> RunConfig:
+    run = apply_overrides(RunConfig.from_preset("tiny"), TINY_OVERRIDES + list(overrides))
+    run, _ = adapt_to_data(run, data)
+    return run
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- schedule ------------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_at_hand_computed_steps():
+    config = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_multiplier(0, config) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert lr_multiplier(4, config) == pytest.approx(0.5)
+    assert lr_multiplier(9, config) == pytest.approx(1.0)
+    assert lr_multiplier(10, config) == pytest.approx(1.0)  # decay starts at the end of warmup
+    assert lr_multiplier(60, config) == pytest.approx(0.55)  # halfway: 0.1 + 0.9 * 0.5
+    assert lr_multiplier(35, config) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert lr_multiplier(110, config) == pytest.approx(0.1)
+    assert learning_rate(60, TrainConfig(lr=3e-3, warmup_steps=10, max_steps=110)) == pytest.approx(3e-3 * 0.55)
+
+
+def test_wsd_and_constant_schedules():
+    wsd = TrainConfig(lr=1.0, warmup_steps=0, max_steps=100, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
+    assert [lr_multiplier(s, wsd) for s in (0, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])
+    assert lr_multiplier(90, wsd) == pytest.approx(0.55)  # halfway through the decay: 1 - 0.9 * 0.5
+    assert lr_multiplier(100, wsd) == pytest.approx(0.1)
+    constant = TrainConfig(lr=1.0, warmup_steps=4, max_steps=100, schedule="constant")
+    assert [lr_multiplier(s, constant) for s in (0, 3, 50, 99)] == pytest.approx([0.25, 1.0, 1.0, 1.0])
+
+
+def test_time_limit_drives_the_schedule_when_it_is_ahead():
+    config = TrainConfig(lr=1.0, warmup_steps=0, max_steps=1000, min_lr_ratio=0.0, max_minutes=1.0)
+    assert lr_multiplier(10, config, elapsed_seconds=30.0) == pytest.approx(0.5)  # 30 s of 60: halfway
+    assert lr_multiplier(500, config, elapsed_seconds=1.0) == pytest.approx(0.5)  # steps are ahead: they count
+    assert lr_multiplier(10, config, elapsed_seconds=60.0) == pytest.approx(0.0)
+
+
+# --- optimizer -----------------------------------------------------------------------------------
+
+
+def gpt_with_everything() -> GPT:
+    return GPT(ModelConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, d_model=16, norm="layernorm",
+                           position="learned", mlp="gelu", bias=True, tie_embeddings=False))
+
+
+def test_weight_decay_only_on_matrices():
+    model = gpt_with_everything()
+    groups = parameter_groups(model)
+    decay = {name for name, _ in groups["decay"]}
+    no_decay = {name for name, _ in groups["no_decay"]}
+    expected_decay = {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert decay == expected_decay | {"lm_head.weight"}
+    assert {"tok_emb.weight", "pos_emb.weight", "norm_f.weight", "norm_f.bias", "blocks.0.attn.qkv.bias",
+            "blocks.1.norm2.weight"} <= no_decay
+    assert decay | no_decay == {name for name, _ in model.named_parameters()}
+    assert {name for name, _ in groups["hidden"]} == expected_decay  # Muon: block matrices, not the head
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    by_decay = {group["weight_decay"]: {id(p) for p in group["params"]} for group in optimizer.param_groups}
+    assert by_decay[0.1] == {id(p) for _, p in groups["decay"]}
+    assert by_decay[0.0] == {id(p) for _, p in groups["no_decay"]}
+
+
+def test_tied_head_is_not_decayed():
+    model = GPT(ModelConfig(vocab_size=50, context_length=16, n_layer=1, n_head=2, d_model=16, tie_embeddings=True))
+    decay = {name for name, _ in parameter_groups(model)["decay"]}
+    assert not any(name.startswith(("tok_emb", "lm_head")) for name in decay)
+
+
+def test_muon_for_hidden_matrices_adamw_for_the_rest():
+    model = gpt_with_everything()
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02), torch.device("cpu"))
+    muon, adamw = optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    muon_ids = {id(p) for group in muon.param_groups for p in group["params"]}
+    assert muon_ids == {id(p) for _, p in parameter_groups(model)["hidden"]}
+    assert id(model.lm_head.weight) not in muon_ids and id(model.tok_emb.weight) not in muon_ids
+    before = model.blocks[0].attn.qkv.weight.detach().clone()
+    model(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)))[1].backward()
+    optimizer.set_lr_multiplier(0.5)
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.01) and adamw.param_groups[0]["lr"] == pytest.approx(5e-4)
+    optimizer.step()
+    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+
+
+def test_adamw8bit_falls_back_to_adamw_with_a_warning():
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed: no fallback to test")
+    except ImportError:
+        pass
+    with pytest.warns(UserWarning, match="bitsandbytes"):
+        optimizer = build_optimizer(gpt_with_everything(), TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
+    assert isinstance(optimizer.optimizers[0], torch.optim.AdamW)
+
+
+# --- gradients and losses ------------------------------------------------------------------------
+
+
+def test_grad_accum_two_halves_equals_one_full_batch():
+    config = ModelConfig(vocab_size=64, context_length=16, n_layer=1, n_head=2, d_model=32)
+    tokens = np.random.default_rng(0).integers(0, 64, size=2000).astype(np.uint16)
+    x, y = batching.WindowBatches(tokens, 16, 8, seed=0).next_batch()  # the same windows for both
+    results = []
+    for grad_accum in (2, 1):
+        torch.manual_seed(0)
+        model = GPT(config)
+        loss, norm, count = accumulate_gradients(model, model, x, y, grad_accum, 0.5, torch.device("cpu"), None)
+        grads = [p.grad.clone() for p in model.parameters()]
+        torch.optim.SGD(model.parameters(), lr=0.1).step()  # plain SGD: the update is the gradient itself
+        results.append((loss, norm, count, grads, [p.detach().clone() for p in model.parameters()]))
+    (loss_a, norm_a, count_a, grads_a, params_a), (loss_b, norm_b, count_b, grads_b, params_b) = results
+    assert count_a == count_b == 8 * 16
+    assert loss_a == pytest.approx(loss_b, abs=1e-6) and norm_a == pytest.approx(norm_b, abs=1e-6)
+    assert norm_a > 0.5  # clipping was active, on the accumulated gradient
+    for a, b in zip(grads_a + params_a, grads_b + params_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_story_batches_mask_padding_out_of_the_loss(prepared_small):
+    from tinystories.data import load_meta, load_tokens
+
+    meta = load_meta(prepared_small)
+    tokens = load_tokens(prepared_small, "train")
+    config = ModelConfig(vocab_size=meta["vocab_size"], context_length=512, n_layer=1, n_head=2, d_model=32)
+    torch.manual_seed(0)
+    model = GPT(config)
+    x, y = batching.StoryBatches(tokens, 512, 6, seed=1, eot_id=meta["eot_id"]).next_batch()
+    assert (y == -1).any(), "the batch should need padding"
+    loss, _, count = accumulate_gradients(model, model, x, y, 2, 0.0, torch.device("cpu"), None)
+    # by hand: each story alone (no padding anywhere), summed over its tokens, divided by all real tokens
+    total, real = 0.0, 0
+    with torch.no_grad():
+        for row_x, row_y in zip(x, y):
+            n = int((row_y != -1).sum())
+            logits, _ = model(torch.from_numpy(row_x[None, :n]))
+            total += float(F.cross_entropy(logits[0], torch.from_numpy(row_y[:n]), reduction="sum"))
+            real += n
+    assert count == real
+    assert loss == pytest.approx(total / real, abs=1e-5)
+
+
+# --- training runs -------------------------------------------------------------------------------
+
+
+def test_tiny_model_learns_and_writes_the_run_layout(prepared_small, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = train(tiny_run(prepared_small, "max_steps=40", "eval_every=20", "lr=1e-2", "log_every=5"), run_dir,
+                    progress=False)
+    assert summary["steps"] == 40 and summary["stop_reason"] == "max_steps"
+    assert summary["tokens"] == 40 * 4 * 32
+    records = read_metrics(run_dir)
+    train_losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert train_losses[0] > train_losses[-1] + 0.5
+    assert summary["best_val_loss"] < math.log(512) - 0.5  # far below a uniform guess over 512 tokens
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    for record in records:
+        assert {"step", "tokens", "lr", "tokens_per_second", "grad_norm", "elapsed_seconds"} <= set(record)
+    # bits per byte from the val split's bytes-per-token ratio
+    meta = json.loads((prepared_small / "meta.json").read_text())
+    val = meta["splits"]["val"]
+    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] * val["tokens"] / val["bytes"] / math.log(2))
+    assert summary["best_val_bpb"] == pytest.approx(min(r["val_bpb"] for r in evals))
+    # run directory: config, tokenizer, plot, both checkpoints
+    saved = RunConfig.load(run_dir / "config.json")
+    assert saved.model.vocab_size == 512 and saved.tokenizer == "bpe:512"
+    from tinystories.tokenizer import load_tokenizer
+
+    assert load_tokenizer(run_dir).vocab_size == 512
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for which in ("last", "best"):
+        assert (run_dir / "checkpoints" / which / "model.safetensors").is_file()
+    state = load_training_state(run_dir / "checkpoints" / "last")  # torch.load(weights_only=True)
+    assert state["step"] == 40 and state["batches"]["position"] == 40
+    assert isinstance(state["rng"]["torch"], torch.Tensor)
+
+
+def test_resume_extends_a_finished_run_through_the_cli(prepared_small, tmp_path):
+    from tinystories.cli import main
+
+    run_dir = tmp_path / "run"
+    common = ["--data", str(prepared_small), "--out", str(run_dir), "--no-progress", "--device", "cpu"]
+    sets = [arg for item in TINY_OVERRIDES for arg in ("--set", item)]
+    assert main(["train", *common, *sets, "--max-steps", "4"]) == 0
+    assert load_training_state(run_dir / "checkpoints" / "last")["step"] == 4
+    assert main(["train", "--out", str(run_dir), "--no-progress", "--max-steps", "7"]) == 0  # no --data: saved
+    assert load_training_state(run_dir / "checkpoints" / "last")["step"] == 7
+    assert RunConfig.load(run_dir / "config.json").train.max_steps == 7
+    steps = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
+    assert steps == list(range(1, 8))  # no duplicated or missing log lines across the resume
+
+
+def test_init_from_starts_with_another_runs_weights(prepared_small, tmp_path):
+    source = tmp_path / "source"
+    train(tiny_run(prepared_small, "max_steps=5"), source, progress=False)
+    # one step with a vanishing learning rate (and no decay) leaves the weights where they started
+    tuned = tmp_path / "tuned"
+    run = tiny_run(prepared_small, "max_steps=1", "lr=1e-12", "weight_decay=0", "warmup_steps=0", "seed=99")
+    train(run, tuned, init_from=source, progress=False)
+    start, after = load_weights(source / "checkpoints" / "best"), load_weights(tuned / "checkpoints" / "last")
+    for name, tensor in start.items():
+        torch.testing.assert_close(after[name], tensor, atol=1e-6, rtol=0)
+    assert RunConfig.load(tuned / "config.json").init_from == str(source)
+
+
+def test_patience_stops_early(prepared_small, tmp_path):
+    # lr so small the loss barely moves: with patience 1 the first non-improving evaluation stops training
+    run = tiny_run(prepared_small, "max_steps=200", "eval_every=1", "lr=1e-9", "warmup_steps=0", "patience=1",
+                   "sample_tokens=0", "eval_tokens=32")
+    summary = train(run, tmp_path / "run", progress=False)
+    assert summary["stop_reason"] == "patience" and summary["steps"] < 200
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(prepared_small, tmp_path, monkeypatch):
+    def model_that_diverges(config):
+        model = GPT(config)
+        calls = {"training": 0}
+
+        def inject_nan(module, inputs, output):
+            if module.training:
+                calls["training"] += 1
+                if calls["training"] >= 8:  # the 8th training forward: step 8
+                    logits, loss = output
+                    return logits, loss * float("nan")
+            return output
+
+        model.register_forward_hook(inject_nan)
+        return model
+
+    monkeypatch.setattr(train_module, "create_model", model_that_diverges)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"diverged at step 8: loss nan.*checkpoints/last \(step 5\)"):
+        train(tiny_run(prepared_small, "max_steps=20", "eval_every=5"), run_dir, progress=False)
+    state = load_training_state(run_dir / "checkpoints" / "last")
+    assert state["step"] == 5
+    assert all(torch.isfinite(t).all() for t in load_weights(run_dir / "checkpoints" / "last").values())
+
+
+def test_mismatched_config_is_one_clear_error(prepared_small, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_run(prepared_small, "max_steps=2", "eval_every=2"), run_dir, progress=False)
+    with pytest.raises(CheckpointError, match=r"different model config \(d_model: 32 -> 64\)"):
+        train(tiny_run(prepared_small, "max_steps=4", "d_model=64"), run_dir, progress=False)
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(tiny_run(prepared_small, "max_steps=4"), run_dir, resume=False, progress=False)
+
+
+def test_truncated_checkpoint_is_one_clear_error(prepared_small, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_run(prepared_small, "max_steps=2", "eval_every=2"), run_dir, progress=False)
+    weights = run_dir / "checkpoints" / "last" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        train(tiny_run(prepared_small, "max_steps=4"), run_dir, progress=False)
+
+
+def test_missing_tracker_is_a_user_error(prepared_small, tmp_path):
+    for option, module in (("wandb=proj", "wandb"), ("tensorboard=true", "tensorboard")):
+        try:
+            __import__(module)
+            continue  # installed: nothing to refuse
+        except ImportError:
+            pass
+        with pytest.raises(TrainingError, match=f"{module} is not installed"):
+            train(tiny_run(prepared_small, option), tmp_path / module, progress=False)
+
+
+# --- every preset trains -------------------------------------------------------------------------
+
+SMALL_PRESETS = ["tiny", "seed000", "seed004"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in SMALL_PRESETS else pytest.mark.slow)
+                                  for n in ["tiny", "small", "medium", "seed000", "seed001", "seed002", "seed003",
+                                            "seed004"]])
+def test_every_preset_trains_a_step(name, prepared_small, tmp_path):
+    run = apply_overrides(RunConfig.from_preset(name), [
+        "context_length=32", "batch_size=2", "grad_accum=1", "max_steps=2", "eval_every=2", "eval_tokens=32",
+        "sample_tokens=4", "compile=false", "device=cpu", "warmup_steps=1"])
+    run, _ = adapt_to_data(run, prepared_small)  # the shards' 512-token vocabulary replaces 4K/32K/GPT-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # seed002's adamw8bit falls back to AdamW without bitsandbytes
+        summary = train(run, tmp_path / name, progress=False)
+    assert summary["steps"] == 2 and math.isfinite(summary["best_val_loss"])
+
+
+# --- real processes: signals, kill -9, atomic saves ----------------------------------------------
+
+RESUME_SETS = ["n_layer=1", "d_model=32", "n_head=2", "context_length=32", "batch_size=4", "dropout=0.1",
+               "eval_tokens=128", "sample_tokens=0", "log_every=10", "eval_every=40", "warmup_steps=10"]
+
+
+def tensor_bytes(checkpoint: Path) -> dict[str, bytes]:
+    """Each tensor's raw bytes (the safetensors header's metadata order varies between writes)."""
+    return {name: tensor.numpy().tobytes() for name, tensor in load_weights(checkpoint).items()}
+
+
+def train_command(data: Path, out: Path, max_steps: int) -> list[str]:
+    command = [sys.executable, "-m", "tinystories", "train", "--data", str(data), "--out", str(out),
+               "--max-steps", str(max_steps), "--no-compile", "--device", "cpu", "--no-progress"]
+    for item in RESUME_SETS:
+        command += ["--set", item]
+    return command
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def logged_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def start_and_interrupt(command: list[str], run_dir: Path, when, sig: int, timeout: float = 60.0):
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not when() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, f"finished before the signal: {process.communicate()[1].decode()[-2000:]}"
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout.decode() + stderr.decode()
+
+
+@pytest.mark.slow
+def test_interrupted_runs_resume_bit_exactly(prepared_small, tmp_path):
+    steps = 160
+    reference = tmp_path / "reference"
+    reference_process = subprocess.Popen(train_command(prepared_small, reference, steps), env=subprocess_env(),
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    # SIGINT mid-way: checkpoint, exit 130, resume with the same command
+    interrupted = tmp_path / "sigint"
+    command = train_command(prepared_small, interrupted, steps)
+    code, output = start_and_interrupt(command, interrupted, lambda: logged_step(interrupted) >= 70, signal.SIGINT)
+    assert code == 130, output
+    stopped_at = load_training_state(interrupted / "checkpoints" / "last")["step"]
+    assert 70 <= stopped_at < steps
+    assert subprocess.run(command, env=subprocess_env(), capture_output=True).returncode == 0
+
+    # kill -9 after the first checkpoint: resume from it (steps after it are redone)
+    killed = tmp_path / "sigkill"
+    command = train_command(prepared_small, killed, steps)
+    code, _ = start_and_interrupt(command, killed, lambda: logged_step(killed) >= 50, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert load_training_state(killed / "checkpoints" / "last")["step"] == 40
+    assert subprocess.run(command, env=subprocess_env(), capture_output=True).returncode == 0
+
+    assert reference_process.wait(timeout=120) == 0, reference_process.stderr.read().decode()[-2000:]
+    for run_dir in (interrupted, killed):
+        for which in ("last", "best"):
+            assert tensor_bytes(run_dir / "checkpoints" / which) == tensor_bytes(reference / "checkpoints" / which)
+        # the metrics log reads as one run: the same steps and losses, no duplicates from the redo
+        strip = [{k: v for k, v in r.items() if k in ("step", "train_loss", "val_loss")} for r in read_metrics(run_dir)]
+        assert strip == [{k: v for k, v in r.items() if k in ("step", "train_loss", "val_loss")}
+                         for r in read_metrics(reference)]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_143(prepared_small, tmp_path):
+    run_dir = tmp_path / "run"
+    command = train_command(prepared_small, run_dir, 100_000)
+    code, output = start_and_interrupt(command, run_dir, lambda: logged_step(run_dir) >= 20, signal.SIGTERM)
+    assert code == 143, output
+    assert "SIGTERM: saved" in output and "sigterm after" in output
+    state = load_training_state(run_dir / "checkpoints" / "last")
+    assert state["step"] >= 20
+    assert load_weights(run_dir / "checkpoints" / "last")  # loadable
+
+
+KILL_DURING_SAVE = """
+import sys, torch
+from tinystories.checkpoint import save_checkpoint
+model = torch.nn.Linear(512, 512)
+i = 0
+while True:
+    with torch.no_grad():
+        model.weight.fill_(i)
+        model.bias.fill_(i)
+    save_checkpoint(sys.argv[1], model, {"i": i})
+    i += 1
+    if i == 3:
+        print("saving", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_save_leaves_a_loadable_checkpoint(tmp_path):
+    for attempt, delay in enumerate((0.05, 0.13, 0.31)):
+        directory = tmp_path / f"attempt{attempt}" / "last"
+        process = subprocess.Popen([sys.executable, "-c", KILL_DURING_SAVE, str(directory)], env=subprocess_env(),
+                                   stdout=subprocess.PIPE)
+        assert process.stdout.readline().strip() == b"saving"
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        weights = load_weights(directory)
+        value = float(weights["weight"][0, 0])
+        assert (weights["weight"] == value).all() and (weights["bias"] == value).all()
+        assert load_training_state(directory)["i"] == int(value)  # weights and state from the same save
