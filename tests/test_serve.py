@@ -483,3 +483,83 @@ def test_cli_serve_arguments(monkeypatch, capsys):
     usage = capsys.readouterr().out
     for option in ("--model", "--checkpoint", "--host", "--port", "--max-tokens-limit", "--device"):
         assert option in usage
+
+
+# ----------------------------------------------------------------------------------------------
+# The real generation stack: a tiny random-weight model in a run directory
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from tinystories.checkpoint import save_checkpoint
+    from tinystories.config import ModelConfig, RunConfig, TrainConfig
+    from tinystories.model import GPT
+    from tinystories.tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer("bytes")
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=64, n_layer=2, n_head=2, d_model=32)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("serve-run") / "story-run"
+    directory.mkdir()
+    RunConfig(model=config, train=TrainConfig(), tokenizer=tokenizer.spec).save(directory / "config.json")
+    tokenizer.save(directory)
+    save_checkpoint(directory / "checkpoints" / "best", GPT(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def real_model(tiny_run):
+    generate = pytest.importorskip("tinystories.generate", reason="tinystories.generate is not there yet")
+    return generate.load_model(tiny_run)
+
+
+def test_real_model_completions_are_generates(real_model):
+    prompt = "Once upon a time"
+    with TestClient(create_app(real_model, "story-run", max_tokens_limit=LIMIT)) as client:
+        for sampling in ({"temperature": 0}, {"temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 3}):
+            body = {"model": "story-run", "prompt": prompt, "max_tokens": 12, **sampling}
+            plain = post(client, body).json()
+            (expected,) = real_model.generate(prompt, max_new_tokens=12, **sampling)
+            choice = plain["choices"][0]
+            assert (choice["text"], choice["finish_reason"]) == (expected.text, expected.finish_reason)
+            assert plain["usage"]["prompt_tokens"] == len(real_model.encode_prompt(prompt)) == expected.prompt_tokens
+            assert plain["usage"]["completion_tokens"] == len(expected.token_ids)
+
+            payloads = sse_payloads(post(client, dict(body, stream=True, stream_options={"include_usage": True})).text)
+            events = [json.loads(p) for p in payloads[:-1]]
+            streamed = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+            assert streamed == expected.text  # the stream of the same seed is the same story
+            assert events[-2]["choices"][0]["finish_reason"] == expected.finish_reason
+            assert events[-1]["usage"] == plain["usage"]
+
+        batch = post(client, {"prompt": ["Tom", "A big cat"], "n": 2, "max_tokens": 6, "seed": 9}).json()
+        expected = real_model.generate(["Tom", "A big cat"], num_samples=2, max_new_tokens=6, seed=9)
+        assert [c["text"] for c in batch["choices"]] == [e.text for e in expected]
+        # Bad sampling options are refused before the model, with the same limits it has.
+        assert_openai_error(post(client, {"prompt": "x", "top_p": 0}), 400, "top_p")
+
+
+def test_real_model_through_the_openai_client(real_model):
+    openai = pytest.importorskip("openai", reason="the openai client is not installed (dev extra)")
+    with BackgroundServer(create_app(real_model, "story-run", max_tokens_limit=LIMIT)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=30)
+        plain = client.completions.create(model="story-run", prompt="The sun", max_tokens=10, temperature=0)
+        streamed = client.completions.create(model="story-run", prompt="The sun", max_tokens=10, temperature=0,
+                                             stream=True)
+        assert "".join(chunk.choices[0].text for chunk in streamed) == plain.choices[0].text
+        assert plain.choices[0].text == real_model.generate("The sun", max_new_tokens=10, temperature=0)[0].text
+
+
+def test_cli_serve_loads_the_run_and_serves_it(tiny_run, monkeypatch):
+    pytest.importorskip("tinystories.generate", reason="tinystories.generate is not there yet")
+    import tinystories.serve
+    from tinystories.cli import main
+
+    served = {}
+    monkeypatch.setattr(tinystories.serve, "serve", lambda lm, name, **options: served.update(lm=lm, name=name, **options))
+    assert main(["serve", str(tiny_run), "--checkpoint", "last", "--port", "8123", "--max-tokens-limit", "50"]) == 0
+    assert served["name"] == "story-run"
+    assert (served["host"], served["port"], served["max_tokens_limit"]) == ("127.0.0.1", 8123, 50)
+    assert served["lm"].generate("Hi", max_new_tokens=3, temperature=0)[0].token_ids  # a working model
+    assert main(["serve", str(tiny_run / "missing")]) == 2  # a bad RUN is a one-line error

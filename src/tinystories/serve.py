@@ -334,6 +334,11 @@ class ModelWorker:
     def release(self) -> None:
         self.pending -= 1
 
+    def prompt_tokens(self, prompt: str) -> int:
+        """How many tokens the model reads for `prompt`, counted as `Completion.prompt_tokens` counts them."""
+        encode_prompt = getattr(self.language_model, "encode_prompt", None)  # [EOT] + prompt, cut to the context
+        return len(encode_prompt(prompt) if encode_prompt else self.language_model.tokenizer.encode(prompt))
+
     async def generate(self, prompts: list[str], n: int, sampling: dict[str, Any], gone: threading.Event) -> list[Any]:
         """All prompts x n completions in one batched `generate` call (prompt-major order)."""
 
@@ -369,7 +374,7 @@ class ModelWorker:
                 for index, prompt, sampling in jobs:
                     if should_stop():
                         return
-                    put(("prompt_tokens", index, len(self.language_model.tokenizer.encode(prompt))))
+                    put(("prompt_tokens", index, self.prompt_tokens(prompt)))
                     chunks = self.language_model.stream(prompt, should_stop=should_stop, **sampling)
                     try:
                         for chunk in chunks:
@@ -575,6 +580,7 @@ def create_app(language_model: LanguageModelLike, model_name: str, max_tokens_li
 
     async def _events(parsed: CompletionRequest, head: list[tuple], items: AsyncIterator[tuple]) -> AsyncIterator[str]:
         completion_id, created_at = _completion_id(), int(time.time())
+        eot_id = getattr(language_model.tokenizer, "eot_id", None)
         prompt_tokens, completion_tokens = 0, 0
 
         def chunk_event(index: int, text: str, finish_reason: str | None) -> str:
@@ -595,8 +601,8 @@ def create_app(language_model: LanguageModelLike, model_name: str, max_tokens_li
                     if parsed.echo:
                         yield chunk_event(index, parsed.prompts[index // parsed.n], None)
                 elif kind == "chunk":
-                    if value.token_id is not None:
-                        completion_tokens += 1
+                    if not (value.finish_reason == "stop" and value.token_id == eot_id):
+                        completion_tokens += 1  # as Completion.token_ids: the closing <|endoftext|> is not counted
                     yield chunk_event(index, value.text, value.finish_reason)
                 else:  # an error after the response started: report it in-band, as OpenAI does
                     message = str(value) if isinstance(value, UserError) else "the model failed while generating"
