@@ -299,3 +299,95 @@ def test_stream_should_stop_ends_the_iterator():
     calls = []
     chunks = list(lm.stream("a", max_new_tokens=50, should_stop=lambda: len(calls.append(1) or calls) > 3))
     assert len(chunks) == 3 and all(isinstance(c, Chunk) for c in chunks)
+
+
+# --- loading, int8, CLI --------------------------------------------------------------------------
+
+
+def make_run(directory, model: GPT, tokenizer=None, vocab_size: int | None = None):
+    """A run directory as training writes it: config.json, tokenizer files, checkpoints/best."""
+    config = model.config if vocab_size is None else ModelConfig(**{**model.config.to_dict(), "vocab_size": vocab_size})
+    tokenizer = tokenizer or BytesTokenizer()
+    RunConfig(model=config, train=TrainConfig(), tokenizer=tokenizer.spec).save(directory / "config.json")
+    tokenizer.save(directory)
+    if vocab_size is None:
+        save_checkpoint(directory / "checkpoints" / "best", model)
+    else:
+        save_checkpoint(directory / "checkpoints" / "best", GPT(config))
+    return directory
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_load_model_from_run_and_checkpoint_dirs(tmp_path):
+    model = random_model()
+    run_dir = make_run(tmp_path / "run", model)
+    expected = LanguageModel(model, BytesTokenizer()).generate("Hi", max_new_tokens=8, temperature=0)[0]
+    for source in (run_dir, run_dir / "checkpoints" / "best"):
+        lm = load_model(source)
+        assert lm.generate("Hi", max_new_tokens=8, temperature=0)[0] == expected
+    assert load_model(run_dir, checkpoint="last").config.model == model.config  # falls back to best
+
+
+def test_int8_quantization_replaces_linears_and_stays_close(tmp_path):
+    model = random_model(std=0.1, d_model=64)
+    run_dir = make_run(tmp_path / "run", model)
+    quantized = load_model(run_dir, quantize="int8")
+    linears = [m for m in quantized.model.modules() if type(m).__name__ == "Linear"]
+    assert len(linears) == 4 * 2 + 1  # qkv, proj, fc, proj per block + lm_head
+    assert all(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in linears)
+    tokens = torch.tensor([[EOT_ID, 72, 105, 33, 32, 65]])
+    with torch.no_grad():
+        reference, _ = model(tokens)
+        approximate, _ = quantized.model(tokens)
+    relative_error = (approximate - reference).norm() / reference.norm()
+    assert 0 < relative_error < 0.1  # int8 rounding: close, but not the float model itself
+    assert len(quantized.generate("Hi", max_new_tokens=5)[0].token_ids) == 5
+
+
+def test_cli_generate_prints_prompt_and_continuation(tmp_path, capsys):
+    model = random_model()
+    run_dir = make_run(tmp_path / "run", model)
+    expected = LanguageModel(model, BytesTokenizer()).generate("Once", max_new_tokens=12, temperature=0)[0]
+    code, out, err = run_cli(capsys, "generate", str(run_dir), "--prompt", "Once", "--max-new-tokens", "12",
+                             "--temperature", "0")
+    assert code == 0 and out == "Once" + expected.text + "\n"
+    assert "tokens/s" in err
+    code, out, _ = run_cli(capsys, "generate", str(run_dir), "--prompt", "Once", "--max-new-tokens", "12",
+                           "--temperature", "0", "--num-samples", "2", "--no-cache")
+    assert code == 0 and out == f"Once{expected.text}\n\nOnce{expected.text}\n"
+    code, out, _ = run_cli(capsys, "generate", str(run_dir), "--prompt", "", "--max-new-tokens", "3",
+                           "--seed", "1", "--top-k", "5", "--top-p", "0.9", "--repetition-penalty", "1.2",
+                           "--quantize", "int8", "--stop", "zz")
+    assert code == 0 and out.endswith("\n")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--top-k", "-1"], "top_k"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--num-samples", "0"], "num-samples"),
+    (["--model", "tiny"], "not both"),
+])
+def test_cli_generate_rejects_bad_options(tmp_path, capsys, flags, message):
+    run_dir = make_run(tmp_path / "run", random_model())
+    code, out, err = run_cli(capsys, "generate", str(run_dir), "--prompt", "x", *flags)
+    assert code == 2 and out == ""
+    assert err.startswith("tinystories: error:") and message in err and err.count("\n") == 1
+
+
+def test_cli_generate_rejects_unknown_runs_and_mismatched_tokenizers(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "generate", str(tmp_path / "nowhere"), "--prompt", "x")
+    assert code == 2 and "no such run" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "generate", "--model", "no-such-model", "--prompt", "x")
+    assert code == 2 and "no shipped model" in err and err.count("\n") == 1
+    # a model with 200 tokens beside a 257-token tokenizer: they do not belong together
+    run_dir = make_run(tmp_path / "run", random_model(), vocab_size=200)
+    code, _, err = run_cli(capsys, "generate", str(run_dir), "--prompt", "x")
+    assert code == 2 and "tokenizer" in err and err.count("\n") == 1

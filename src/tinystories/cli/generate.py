@@ -1,0 +1,75 @@
+"""`tinystories generate`: sample stories from a run, a checkpoint or a shipped model.
+
+Stories go to stdout (the prompt followed by its continuation, one blank line between samples); a
+single sample is printed token by token as it is produced. Everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="sample stories from a trained model",
+        description="Continue a prompt with a trained model. RUN is a run directory or a checkpoint directory; "
+                    "--model NAME loads a model shipped with the package. --temperature 0 is greedy decoding. "
+                    "An empty prompt starts a story from scratch (from <|endoftext|>).")
+    parser.add_argument("run", nargs="?", metavar="RUN", help="run directory or checkpoint directory")
+    parser.add_argument("--model", metavar="NAME", help="a shipped model name (e.g. tiny) instead of RUN")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of RUN")
+    parser.add_argument("--prompt", default="", help="text to continue (default: empty, a new story)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+    parser.add_argument("--num-samples", type=int, default=1, help="stories to generate (in one batch)")
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--stop", action="append", default=[], metavar="STR",
+                        help="stop when this text appears; it is cut off (repeatable)")
+    parser.add_argument("--no-cache", dest="use_cache", action="store_false",
+                        help="recompute the whole context each step (slow; for checking the KV cache)")
+    parser.add_argument("--quantize", choices=["int8"], help="dynamic int8 linear layers (CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tinystories.errors import UserError
+    from tinystories.generate import SamplingConfig, load_model
+
+    if args.run and args.model:
+        raise UserError("give either RUN or --model NAME, not both")
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              stop=tuple(args.stop))
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    lm = load_model(args.run or args.model or "tiny", checkpoint=args.checkpoint, device=args.device,
+                    quantize=args.quantize)
+    options = vars(sampling)
+    out = sys.stdout
+    started = time.perf_counter()
+    if args.num_samples == 1:
+        out.write(args.prompt)
+        out.flush()
+        tokens = 0
+        for chunk in lm.stream(args.prompt, use_cache=args.use_cache, **options):
+            tokens += 1
+            if chunk.text:
+                out.write(chunk.text)
+                out.flush()
+        out.write("\n")
+        out.flush()
+    else:
+        completions = lm.generate(args.prompt, num_samples=args.num_samples, use_cache=args.use_cache, **options)
+        tokens = lm.last_stats.get("tokens", 0)
+        out.write("\n\n".join(args.prompt + c.text for c in completions) + "\n")
+        out.flush()
+    elapsed = time.perf_counter() - started
+    print(f"tinystories: {tokens} tokens in {elapsed:.2f} s ({tokens / max(elapsed, 1e-9):.1f} tokens/s)",
+          file=sys.stderr)
+    return 0
