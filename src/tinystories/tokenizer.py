@@ -503,6 +503,10 @@ def load_tokenizer(directory: str | os.PathLike, *, tokenizer_file: str | os.Pat
             raise TokenizerError(f"cannot read {meta_path}: {error}") from error
     if meta.get("kind") == "bytes":
         return BytesTokenizer()
+    if meta.get("kind") == "llama2c":  # imported from llama2.c's tokenizer.bin (sentencepiece-style pieces)
+        from tinystories.llama2c import Llama2cTokenizer
+
+        return Llama2cTokenizer.load(directory)
     if not json_path.is_file():
         raise TokenizerError(f"no tokenizer in {directory} ({TOKENIZER_FILE} and {META_FILE} missing)")
     from tokenizers import Tokenizer as HFTokenizer
