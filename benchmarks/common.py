@@ -1,0 +1,75 @@
+"""Small helpers shared by the benchmark scripts: describe the machine, print a markdown table, and
+append a dated section to benchmarks/RESULTS.md.
+
+    # benchmarks/tokenize.py shadows the standard library's `tokenize`: put this folder at the END of sys.path
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE] + [str(_HERE)]
+    from common import append_results, machine_description, markdown_table
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (from /proc/cpuinfo on Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """1-, 5- and 15-minute load averages (None where the OS does not say)."""
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_description() -> str:
+    """One line: CPU model, cores, Python and torch versions (torch only if already imported)."""
+    parts = [f"{cpu_model()}, {os.cpu_count()} cores ({usable_cores()} usable)", f"Python {platform.python_version()}"]
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    return "; ".join(parts)
+
+
+def command_line() -> str:
+    """The exact command that ran this script, ready to paste into a shell."""
+    return "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append_results(title: str, body: str, path: Path = RESULTS) -> None:
+    """Append a section '## title, <UTC date>' with the machine, the command and `body` (append only)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = (f"\n## {title}, {stamp}\n\nMachine: {machine_description()}. "
+               f"Command: `{command_line()}`\n\n{body.strip()}\n")
+    with open(path, "a", encoding="utf-8") as file:  # one write: sections of concurrent scripts don't interleave
+        file.write(section)
