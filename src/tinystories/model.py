@@ -116,16 +116,14 @@ class Attention(nn.Module):
     def forward(self, x, rotary, mask, cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * K, D)  # (B, T, H+2K, D)
+        # split (not slicing) so that backward concatenates the gradients instead of zero-filling buffers
+        qk, v = self.qkv(x).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)  # (B, T, H+K, D), (B, T, K, D)
         if rotary is not None:
             # Rotate queries and keys together in the (B, T, heads, D) layout the matmul produced:
-            # one pass over contiguous rows instead of two over transposed views.
-            cos, sin = rotary
-            qk = apply_rotary(qkv[:, :, :H + K], cos, sin)  # (B, T, H+K, D)
-        else:
-            qk = qkv[:, :, :H + K]
+            # one pass over rows of contiguous heads instead of two over transposed views.
+            qk = apply_rotary(qk, *rotary)
         q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
-        v = qkv[:, :, H + K:].transpose(1, 2)  # (B, K, T, D)
+        v = v.transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.write(self.layer_index, start, k, v)  # (B, K, S, D)
         y = F.scaled_dot_product_attention(
