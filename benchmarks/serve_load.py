@@ -30,7 +30,6 @@ import platform
 import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import tempfile
 import time

@@ -295,6 +295,11 @@ def test_model_refusal_is_400_and_a_crash_is_a_json_500(fake):
             assert crash.status_code == 500
             assert crash.json()["error"]["type"] == "server_error"
             assert "simulated bug" not in crash.text  # internals stay in the server log
+        # Once events have been sent, a later failure is reported in-band and the stream ends.
+        payloads = sse_payloads(post(client, {"prompt": ["fine", CRASH_PROMPT], "max_tokens": 2, "stream": True}).text)
+        assert [json.loads(p)["choices"][0]["index"] for p in payloads[:2]] == [0, 0]
+        assert json.loads(payloads[2])["error"]["message"] == "the model failed while generating"
+        assert len(payloads) == 3  # no [DONE]: the stream did not complete
         assert client.get("/health").json()["pending"] == 0  # every refused request gave back its slot
 
 

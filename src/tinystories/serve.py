@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import socket
 import threading
@@ -30,7 +31,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Callable, Iterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol, Sequence
 
 import anyio
 from starlette.applications import Starlette
@@ -50,6 +51,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CHOICES = 16  # prompts x n in one request
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_SEED = 2**63 - 1
+
+logger = logging.getLogger("tinystories.serve")
 
 
 class LanguageModelLike(Protocol):
@@ -426,9 +429,10 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str], stop: threading.Event) -> None:
+    def __init__(self, events: AsyncIterator[str], stop: threading.Event,
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.events, self.stop = events, stop
+        self.events, self.stop, self.on_close = events, stop, on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         async def write() -> None:
@@ -455,6 +459,8 @@ class EventStreamResponse(StreamingResponse):
         finally:
             self.stop.set()
             await self.events.aclose()  # runs the generator's cleanup now, not at garbage collection
+            if self.on_close is not None:
+                await self.on_close()  # also when the events never started (their cleanup then never runs)
 
 
 def _sse(payload: Any) -> str:
@@ -576,9 +582,22 @@ def create_app(language_model: LanguageModelLike, model_name: str, max_tokens_li
             raise
         finally:
             watcher.cancel()
-        return EventStreamResponse(_events(parsed, head, items), stop)
 
-    async def _events(parsed: CompletionRequest, head: list[tuple], items: AsyncIterator[tuple]) -> AsyncIterator[str]:
+        released = False
+
+        async def finish() -> None:
+            """Stop the model thread's work for this request and give back its slot, exactly once."""
+            nonlocal released
+            if not released:
+                released = True
+                stop.set()
+                await items.aclose()
+                worker.release()
+
+        return EventStreamResponse(_events(parsed, head, items, finish), stop, on_close=finish)
+
+    async def _events(parsed: CompletionRequest, head: list[tuple], items: AsyncIterator[tuple],
+                      finish: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
         completion_id, created_at = _completion_id(), int(time.time())
         eot_id = getattr(language_model.tokenizer, "eot_id", None)
         prompt_tokens, completion_tokens = 0, 0
@@ -605,6 +624,8 @@ def create_app(language_model: LanguageModelLike, model_name: str, max_tokens_li
                         completion_tokens += 1  # as Completion.token_ids: the closing <|endoftext|> is not counted
                     yield chunk_event(index, value.text, value.finish_reason)
                 else:  # an error after the response started: report it in-band, as OpenAI does
+                    if not isinstance(value, UserError):
+                        logger.error("generation failed during a stream", exc_info=value)
                     message = str(value) if isinstance(value, UserError) else "the model failed while generating"
                     yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
                     return
@@ -615,8 +636,7 @@ def create_app(language_model: LanguageModelLike, model_name: str, max_tokens_li
                                       "total_tokens": prompt_tokens + completion_tokens}})
             yield "data: [DONE]\n\n"
         finally:
-            await items.aclose()
-            worker.release()
+            await finish()
 
     async def api_error(request: Request, error: APIError) -> Response:
         headers = {"Retry-After": "1"} if error.status == 503 else None
