@@ -388,29 +388,35 @@ def start_and_interrupt(command: list[str], run_dir: Path, when, sig: int, timeo
 
 @pytest.mark.slow
 def test_interrupted_runs_resume_bit_exactly(prepared_small, tmp_path):
-    steps = 160
-    reference = tmp_path / "reference"
-    reference_process = subprocess.Popen(train_command(prepared_small, reference, steps), env=subprocess_env(),
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """Uninterrupted vs SIGINT mid-way vs kill -9 after the first checkpoint, each then resumed with the
+    same command: identical final weights, bit for bit. The three runs go side by side to save time."""
+    steps = 120
+    reference, interrupted, killed = tmp_path / "reference", tmp_path / "sigint", tmp_path / "sigkill"
+    commands = {run: train_command(prepared_small, run, steps) for run in (reference, interrupted, killed)}
+    processes = {run: subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE) for run, command in commands.items()}
+    # SIGINT once step 70 is logged; SIGKILL after the first checkpoint (step 40) once step 50 is logged
+    pending = {interrupted: (70, signal.SIGINT), killed: (50, signal.SIGKILL)}
+    deadline = time.monotonic() + 120
+    while pending and time.monotonic() < deadline:
+        for run, (at_step, sig) in list(pending.items()):
+            assert processes[run].poll() is None, f"{run.name} finished before its signal"
+            if logged_step(run) >= at_step:
+                processes[run].send_signal(sig)
+                del pending[run]
+        time.sleep(0.01)
+    assert not pending, "timed out waiting for the runs to reach their signal steps"
+    codes = {run: process.wait(timeout=120) for run, process in processes.items()}
+    assert codes[interrupted] == 130, processes[interrupted].stderr.read().decode()[-2000:]
+    assert codes[killed] == -signal.SIGKILL
+    assert codes[reference] == 0, processes[reference].stderr.read().decode()[-2000:]
+    assert 70 <= load_training_state(interrupted / "checkpoints" / "last")["step"] < steps  # saved on SIGINT
+    assert load_training_state(killed / "checkpoints" / "last")["step"] == 40  # the last eval's checkpoint
 
-    # SIGINT mid-way: checkpoint, exit 130, resume with the same command
-    interrupted = tmp_path / "sigint"
-    command = train_command(prepared_small, interrupted, steps)
-    code, output = start_and_interrupt(command, interrupted, lambda: logged_step(interrupted) >= 70, signal.SIGINT)
-    assert code == 130, output
-    stopped_at = load_training_state(interrupted / "checkpoints" / "last")["step"]
-    assert 70 <= stopped_at < steps
-    assert subprocess.run(command, env=subprocess_env(), capture_output=True).returncode == 0
-
-    # kill -9 after the first checkpoint: resume from it (steps after it are redone)
-    killed = tmp_path / "sigkill"
-    command = train_command(prepared_small, killed, steps)
-    code, _ = start_and_interrupt(command, killed, lambda: logged_step(killed) >= 50, signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    assert load_training_state(killed / "checkpoints" / "last")["step"] == 40
-    assert subprocess.run(command, env=subprocess_env(), capture_output=True).returncode == 0
-
-    assert reference_process.wait(timeout=120) == 0, reference_process.stderr.read().decode()[-2000:]
+    resumed = [subprocess.Popen(commands[run], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE) for run in (interrupted, killed)]
+    for process in resumed:
+        assert process.wait(timeout=120) == 0, process.stderr.read().decode()[-2000:]
     for run_dir in (interrupted, killed):
         for which in ("last", "best"):
             assert tensor_bytes(run_dir / "checkpoints" / which) == tensor_bytes(reference / "checkpoints" / which)
