@@ -319,6 +319,7 @@ def test_missing_tracker_is_a_user_error(prepared_small, tmp_path):
             pass
         with pytest.raises(TrainingError, match=f"{module} is not installed"):
             train(tiny_run(prepared_small, option), tmp_path / module, progress=False)
+        assert not (tmp_path / module).exists()  # refused before anything was written
 
 
 # --- every preset trains -------------------------------------------------------------------------

@@ -492,19 +492,30 @@ class Trackers:
     def __init__(self, config: TrainConfig, run_config: RunConfig, out_dir: Path):
         self.wandb_run = None
         self.tensorboard = None
+        self.check_available(config)
         if config.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise TrainingError(f"--wandb {config.wandb}: wandb is not installed (pip install wandb)") from None
+            import wandb
+
             self.wandb_run = wandb.init(project=config.wandb, name=out_dir.name, dir=str(out_dir),
                                         config=run_config.to_dict(), resume="allow")
         if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+    @staticmethod
+    def check_available(config: TrainConfig) -> None:
+        """Fail before anything is written if a requested tracker is not installed."""
+        if config.wandb:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                import wandb  # noqa: F401
+            except ImportError:
+                raise TrainingError(f"--wandb {config.wandb}: wandb is not installed (pip install wandb)") from None
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
                 raise TrainingError("--tensorboard: tensorboard is not installed (pip install tensorboard)") from None
-            self.tensorboard = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
         values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -618,6 +629,7 @@ def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True
     out_dir = Path(out_dir)
     config = run_config.train
     resuming = _check_resumable(out_dir, run_config, resume)
+    Trackers.check_available(config)
     shards = open_shards(run_config.data)
     if int(shards.meta["vocab_size"]) > run_config.model.vocab_size:
         raise TrainingError(f"{shards.directory}: the data's tokenizer has {shards.meta['vocab_size']} tokens but the "
