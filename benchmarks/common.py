@@ -56,8 +56,11 @@ def machine_description() -> str:
 
 
 def command_line() -> str:
-    """The exact command that ran this script, ready to paste into a shell."""
-    return "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
+    """The exact command that ran this script, ready to paste into a shell, with the threading variables
+    (OMP_*, GOMP_*, KMP_*, MKL_*) that were set, since they change CPU timings."""
+    variables = [f"{name}={shlex.quote(value)}" for name, value in sorted(os.environ.items())
+                 if name.startswith(("OMP_", "GOMP_", "KMP_", "MKL_"))]
+    return " ".join(variables + ["python"] + [shlex.quote(arg) for arg in sys.argv])
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

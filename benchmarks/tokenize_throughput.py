@@ -1,6 +1,6 @@
 """Tokenization speed on the shared TinyStories train file.
 
-    .venv/bin/python benchmarks/tokenize.py [--repeats 3] [--data DIR]
+    .venv/bin/python benchmarks/tokenize_throughput.py [--repeats 3] [--data DIR]
 
 Measures (1) seconds to train the default bpe:4096 tokenizer on the whole train file (reading and
 decompressing included) and (2) MB/s of `tinystories.data.prepare` with an existing tokenizer
@@ -128,7 +128,7 @@ def main() -> int:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join([Path(sys.executable).name, *sys.argv])
     section = (
-        f"\n## Tokenization (benchmarks/tokenize.py), {now}\n\n"
+        f"\n## Tokenization (benchmarks/tokenize_throughput.py), {now}\n\n"
         f"Machine: {os.cpu_count()} cores ({available_cpus()} usable), {cpu_model()}; "
         f"Python {platform.python_version()}. Command: `{command}`\n\n"
         f"{table}\n\n"
