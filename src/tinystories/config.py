@@ -24,6 +24,16 @@ class ConfigError(UserError):
     """A configuration value or file is invalid."""
 
 
+def _requirement_checker(section: str):
+    """need(condition, message): raise a one-line ConfigError naming the config section."""
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{section} config: {message}")
+
+    return need
+
+
 @dataclass
 class ModelConfig:
     """The shape of a GPT-style transformer. Every architecture variant is a setting here."""
@@ -49,10 +59,7 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                raise ConfigError(f"model config: {message}")
-
+        need = _requirement_checker("model")
         for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
         need(self.d_model % self.n_head == 0, f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
@@ -159,10 +166,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                raise ConfigError(f"train config: {message}")
-
+        need = _requirement_checker("train")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
