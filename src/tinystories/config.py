@@ -388,14 +388,14 @@ def apply_overrides(run: RunConfig, assignments: list[str]) -> RunConfig:
     """Apply `--set` assignments: 'model.n_layer=6', 'train.lr=1e-3', or a bare 'lr=1e-3'."""
     model, train = run.model.to_dict(), run.train.to_dict()
     sections = {"model": model, "train": train}
-    top_level = {"tokenizer", "data"}
+    top_level = {"tokenizer": run.tokenizer, "data": run.data}
     for assignment in assignments:
         if "=" not in assignment:
             raise ConfigError(f"--set {assignment!r}: expected field=value")
         key, raw = assignment.split("=", 1)
         key = key.strip()
         if key in top_level:
-            setattr(run, key, raw)
+            top_level[key] = raw
             continue
         if "." in key:
             section_name, name = key.split(".", 1)
@@ -413,7 +413,8 @@ def apply_overrides(run: RunConfig, assignments: list[str]) -> RunConfig:
         cls = ModelConfig if owners[0] == "model" else TrainConfig
         sections[owners[0]][name] = parse_field_value(cls, name, raw)
     return RunConfig(model=ModelConfig.from_dict(model), train=TrainConfig.from_dict(train),
-                     tokenizer=run.tokenizer, data=run.data, preset=run.preset, init_from=run.init_from)
+                     tokenizer=top_level["tokenizer"], data=top_level["data"], preset=run.preset,
+                     init_from=run.init_from)
 
 
 def parse_field_value(cls: type, name: str, raw: str) -> Any:
