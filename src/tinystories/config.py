@@ -406,7 +406,7 @@ def apply_overrides(run: RunConfig, assignments: list[str]) -> RunConfig:
             name = key
             owners = [section for section, values in sections.items() if name in values]
             if not owners:
-                known = sorted(set(model) | set(train) | top_level)
+                known = sorted(set(model) | set(train) | set(top_level))
                 raise ConfigError(f"--set {key}: unknown field; known fields: {', '.join(known)}")
             if len(owners) > 1:
                 raise ConfigError(f"--set {key}: ambiguous, write {' or '.join(f'{o}.{key}' for o in owners)}")
