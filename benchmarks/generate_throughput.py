@@ -86,13 +86,17 @@ def check_logits_agree(model: GPT, hf) -> float:
     return difference
 
 
-def time_best(function, repeats: int) -> float:
-    function()  # warm-up (allocations, lazy init)
-    best = float("inf")
+def time_round_robin(functions: dict, repeats: int) -> dict[str, float]:
+    """Best wall time of each function over `repeats` rounds, the functions taking turns in each round
+    (on shared cores the load changes over time; turns spread it evenly), after one warm-up each."""
+    for function in functions.values():
+        function()  # warm-up (allocations, lazy init)
+    best = {name: float("inf") for name in functions}
     for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - started)
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            best[name] = min(best[name], time.perf_counter() - started)
     return best
 
 
@@ -127,15 +131,14 @@ def main() -> int:
             print(f"{preset}: HF logits agree within {check_logits_agree(model, hf):.1e}", file=sys.stderr)
         for batch in args.batches:
             prompts = [prompt] * batch
-            results = {}
+            functions = {}
 
             def ours(language_model=lm, use_cache=True):
                 completions = language_model.generate(prompts, max_new_tokens=N, temperature=0, use_cache=use_cache)
                 assert all(len(c.token_ids) == N for c in completions)
 
-            results["ours, KV cache"] = time_best(ours, args.repeats)
-            results["ours, no cache"] = time_best(lambda: ours(use_cache=False), 1)
-            results["ours, int8 + KV cache"] = time_best(lambda: ours(lm_int8), args.repeats)
+            functions["ours, KV cache"] = ours
+            functions["ours, int8 + KV cache"] = lambda: ours(lm_int8)
             if hf is not None:
                 ids = torch.tensor([[0] + lm.tokenizer.encode(prompt)] * batch)
 
@@ -145,7 +148,7 @@ def main() -> int:
                                           min_new_tokens=N, do_sample=False, pad_token_id=0)
                     assert out.shape[1] == P + N
 
-                results["HF transformers generate"] = time_best(hugging_face, args.repeats)
+                functions["HF transformers generate"] = hugging_face
                 # same greedy tokens (a check that the two decode the same model)
                 ours_tokens = lm.generate(prompt, max_new_tokens=N, temperature=0)[0].token_ids
                 with torch.inference_mode():
@@ -153,6 +156,8 @@ def main() -> int:
                                             min_new_tokens=N, do_sample=False, pad_token_id=0)[0, P:].tolist()
                 agree = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
                 print(f"{preset} b{batch}: greedy tokens agree with HF on {agree}/{N}", file=sys.stderr)
+            results = time_round_robin(functions, args.repeats)
+            results["ours, no cache"] = time_round_robin({"": lambda: ours(use_cache=False)}, 1)[""]
             hf_rate = batch * N / results["HF transformers generate"] if hf is not None else None
             for name, seconds in results.items():
                 rate = batch * N / seconds
@@ -167,7 +172,7 @@ def main() -> int:
     print(bpb_table)
     if not args.no_append:
         notes = (f"Notes: greedy decoding, {P}-token prompt, exactly {N} new tokens per row, random weights "
-                 f"(speed does not depend on them), fp32 on CPU, best of {args.repeats} timed runs after a warm-up "
+                 f"(speed does not depend on them), fp32 on CPU, best of {args.repeats} timed runs taken in turns after a warm-up "
                  f"(no cache: one run), {args.threads} torch thread(s). The CPU is shared with other engineers' jobs, so figures vary between runs.")
         append_results("Generation throughput (benchmarks/generate_throughput.py)",
                        table + "\n\n" + bpb_table + "\n\n" + notes)
