@@ -2,7 +2,9 @@
 
 Every batch is derived from `(seed, position)` alone, where `position` counts the batches drawn so far.
 The data position of a run is therefore one integer, and a resumed run draws exactly the batches an
-uninterrupted run would have drawn. `state_dict()` holds only plain ints, so it loads with
+uninterrupted run would have drawn. Under data parallel training every rank draws the step's whole
+global batch and keeps its own micro-batches (`rank_micro_batches`), so the position is the same
+integer on every rank and does not depend on the number of ranks. `state_dict()` holds only plain ints, so it loads with
 `torch.load(weights_only=True)`.
 
 Two ways to cut batches (TrainConfig.batching):
@@ -160,6 +162,21 @@ def split_micro_batches(x: np.ndarray, y: np.ndarray, count: int) -> list[tuple[
         width = int(real[-1]) + 1 if len(real) else 1
         micro.append((xs[:, :width], ys[:, :width]))
     return micro
+
+
+def rank_micro_batches(x: np.ndarray, y: np.ndarray, grad_accum: int, rank: int = 0,
+                       world_size: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One rank's share of a step's global batch x, y (N, L), N = batch_size * grad_accum * world_size.
+
+    The rows are cut into grad_accum * world_size micro-batches of batch_size rows and rank r takes
+    micro-batches r, r + W, r + 2W, ... (grad_accum of them). Every rank draws the same global batch
+    from (seed, step), so the data a step trains on depends only on the global batch size: a run
+    resumed with another world size (and batch_size or grad_accum adjusted to keep the product)
+    continues with the same data in the same order.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    return split_micro_batches(x, y, grad_accum * world_size)[rank::world_size]
 
 
 def eval_window_starts(num_tokens: int, context_length: int, eval_tokens: int) -> np.ndarray:

@@ -10,6 +10,14 @@ numpy, python), all as tensors or plain ints so it loads with `torch.load(weight
 Signals: SIGINT and SIGTERM finish the current optimizer step, write `checkpoints/last` and return
 with `summary['stop_reason']` 'sigint' / 'sigterm' (the CLI exits 130 / 143). A second signal while
 that happens raises KeyboardInterrupt (checkpoint writes are atomic, the previous one stays whole).
+
+Data parallel: under torchrun each process trains batch_size x grad_accum sequences of every step's
+global batch of batch_size x grad_accum x world_size sequences (distributed.py, batching.rank_micro_batches);
+rank 0 alone logs, evaluates and writes checkpoints, and all ranks agree on when to stop.
+
+The hot loop never waits for the device: a step's loss and gradient norm stay device tensors until the
+next log step (or evaluation, or checkpoint), where they are read at once and checked for NaN/inf. A
+divergence found there stops training without saving, so checkpoints/last is the last good state.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tinystories import batching
+from tinystories import batching, distributed
 from tinystories.checkpoint import (
     CheckpointError,
     checkpoint_dir,
@@ -537,13 +545,28 @@ class Trackers:
 
 
 class StopSignals:
-    """Turn SIGINT/SIGTERM into a flag the loop polls after each step (so it can checkpoint and exit)."""
+    """Turn SIGINT/SIGTERM into a flag the loop polls before each step (so it can checkpoint and exit).
+
+    A second signal raises KeyboardInterrupt, unless `repeat_interrupts` is False: under torchrun a
+    Ctrl-C reaches each worker twice (from the terminal, and forwarded by torchrun), and torchrun kills
+    workers that outlive its own grace period anyway.
+    """
 
     NAMES = {signal.SIGINT: "sigint", signal.SIGTERM: "sigterm"}
+    CODES = {None: 0, "sigint": 1, "sigterm": 2}  # for agreeing over ranks (the larger code wins)
 
-    def __init__(self):
+    def __init__(self, repeat_interrupts: bool = True):
         self.received: str | None = None
+        self.repeat_interrupts = repeat_interrupts
         self._previous: dict[int, Any] = {}
+
+    @property
+    def code(self) -> int:
+        return self.CODES[self.received]
+
+    @classmethod
+    def name_of(cls, code: int) -> str | None:
+        return {value: key for key, value in cls.CODES.items()}[int(code)]
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -553,7 +576,9 @@ class StopSignals:
 
     def _handle(self, number: int, frame) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt  # a second signal: stop now (checkpoints are atomic)
+            if self.repeat_interrupts:
+                raise KeyboardInterrupt  # a second signal: stop now (checkpoints are atomic)
+            return
         self.received = self.NAMES[number]
 
     def __exit__(self, *exc) -> None:
@@ -565,6 +590,45 @@ class StopSignals:
 # The loop
 
 
+def step_gradients(runnable: nn.Module, model: nn.Module, x: np.ndarray, y: np.ndarray, grad_accum: int,
+                   grad_clip: float, device: torch.device, dtype: torch.dtype | None, rank: int = 0,
+                   world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward this rank's share of one optimizer step's global batch x, y (N, L), then clip.
+
+    The global batch is cut into grad_accum * world_size micro-batches; this rank runs micro-batches
+    rank, rank + W, ... (batching.rank_micro_batches). Each micro-batch's mean loss is weighted by its
+    share of the step's real (non-padding) targets, so the gradient is that of the mean loss over every
+    real target of the step, however it is split over micro-batches and ranks. Under
+    DistributedDataParallel (`runnable` has `no_sync`) gradients are all-reduced once, in the last
+    micro-batch's backward; DDP averages them over ranks, so each rank scales its backward by W to turn
+    that average into the sum of the shares. `model` owns the parameters.
+
+    Returns (this rank's part of the step's loss, gradient norm before clipping) as 0-d device tensors
+    (reading them waits for the device, so the loop reads them only at log steps; summed over ranks the
+    losses give the step's loss) and the step's real target count over all ranks.
+    """
+    real_tokens = int((y != batching.IGNORE_INDEX).sum())
+    micro_batches = batching.rank_micro_batches(x, y, grad_accum, rank, world_size)
+    no_sync = getattr(runnable, "no_sync", None) if world_size > 1 else None
+    loss_sum = torch.zeros((), device=device)
+    for index, (xs, ys) in enumerate(micro_batches):
+        share = int((ys != batching.IGNORE_INDEX).sum()) / real_tokens
+        xs, ys = _to_device(xs, device), _to_device(ys, device)
+        accumulate_only = no_sync is not None and index < len(micro_batches) - 1
+        with no_sync() if accumulate_only else contextlib.nullcontext():
+            with _autocast(device, dtype):
+                _, loss = runnable(xs, ys)
+            weighted = loss.float() * share
+            (weighted * world_size if world_size > 1 else weighted).backward()
+        loss_sum += weighted.detach()
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    return loss_sum, norm, real_tokens
+
+
 def accumulate_gradients(runnable: nn.Module, model: nn.Module, x: np.ndarray, y: np.ndarray, grad_accum: int,
                          grad_clip: float, device: torch.device, dtype: torch.dtype | None) -> tuple[float, float, int]:
     """Forward and backward one optimizer step's batch x, y (N, L) in `grad_accum` micro-batches, then clip.
@@ -572,24 +636,11 @@ def accumulate_gradients(runnable: nn.Module, model: nn.Module, x: np.ndarray, y
     Each micro-batch's mean loss is weighted by its share of the step's real (non-padding) targets, so
     the gradient is that of the mean loss over every real target of the step, however it is split.
     `runnable` is the model or its compiled wrapper; `model` owns the parameters.
-    Returns (loss, gradient norm before clipping, real target count).
+    Returns (loss, gradient norm before clipping, real target count) as Python numbers (a host sync:
+    the training loop uses `step_gradients` and reads the values only at log steps).
     """
-    real_tokens = int((y != batching.IGNORE_INDEX).sum())
-    loss_sum = torch.zeros((), device=device)
-    for xs, ys in batching.split_micro_batches(x, y, grad_accum):
-        share = int((ys != batching.IGNORE_INDEX).sum()) / real_tokens
-        xs, ys = _to_device(xs, device), _to_device(ys, device)
-        with _autocast(device, dtype):
-            _, loss = runnable(xs, ys)
-        weighted = loss * share
-        weighted.backward()
-        loss_sum += weighted.detach()
-    parameters = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    return float(loss_sum), float(norm), real_tokens
+    loss, norm, real_tokens = step_gradients(runnable, model, x, y, grad_accum, grad_clip, device, dtype)
+    return float(loss), float(norm), real_tokens
 
 
 def create_model(config: ModelConfig) -> nn.Module:
@@ -625,26 +676,56 @@ def _check_resumable(out_dir: Path, run_config: RunConfig, resume: bool) -> bool
 def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True,
           init_from: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in `out_dir`. Returns a summary: best_val_loss, best_val_bpb, steps,
-    tokens, seconds, stop_reason ('max_steps' | 'max_minutes' | 'patience' | 'sigint' | 'sigterm')."""
+    tokens, seconds, stop_reason ('max_steps' | 'max_minutes' | 'patience' | 'sigint' | 'sigterm'),
+    world_size.
+
+    Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) every process calls this with the same config
+    and trains its share of each global batch with DistributedDataParallel (see distributed.py); every
+    rank returns the same summary.
+    """
     out_dir = Path(out_dir)
     config = run_config.train
+    # every rank checks before any rank writes: ranks meet in setup() below, before rank 0 writes anything
     resuming = _check_resumable(out_dir, run_config, resume)
     Trackers.check_available(config)
     shards = open_shards(run_config.data)
     if int(shards.meta["vocab_size"]) > run_config.model.vocab_size:
         raise TrainingError(f"{shards.directory}: the data's tokenizer has {shards.meta['vocab_size']} tokens but the "
                             f"model only {run_config.model.vocab_size} (set model.vocab_size to fit)")
+    ddp = distributed.setup(select_device(config.device))
+    try:
+        ddp.barrier()  # every rank has read the run directory before rank 0 writes to it
+        return _train(run_config, out_dir, resuming, init_from, progress, shards, ddp)
+    finally:
+        ddp.close()
 
-    device = select_device(config.device)
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Seed the RNGs of rank `rank` > 0 of a data parallel run: its own dropout masks, derived from the seed."""
+    derived = int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1)[0])
+    seed_everything(derived)
+
+
+def _train(run_config: RunConfig, out_dir: Path, resuming: bool, init_from: str | os.PathLike | None, progress: bool,
+           shards: Shards, ddp: distributed.Distributed) -> dict[str, Any]:
+    config = run_config.train
+    device = ddp.device
     if device.type == "cpu":
         # every core, unless the user pinned a count the usual way (OMP_NUM_THREADS), e.g. on a shared machine
         threads = os.environ.get("OMP_NUM_THREADS", "")
         torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else os.cpu_count() or 1)
+    if device.type == "cuda":
+        # TF32 tensor cores for the fp32 matmuls that remain outside bf16 autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     dtype = autocast_dtype(config, device)
     T = run_config.model.context_length
+    world = ddp.world_size
 
     seed_everything(config.seed)
-    model = create_model(run_config.model)
+    model = create_model(run_config.model)  # the same initial weights on every rank
+    if ddp.rank > 0:
+        seed_rank(config.seed, ddp.rank)  # rank 0 keeps the single-process random stream
     state = None
     last_dir, best_dir = checkpoint_dir(out_dir, "last"), checkpoint_dir(out_dir, "best")
     if resuming:
@@ -661,8 +742,10 @@ def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True
     model.train()
 
     optimizer = build_optimizer(model, config, device)
-    batches = batching.make_batches(config.batching, shards.train, T, config.batch_size * config.grad_accum,
-                                    config.seed, shards.tokenizer.eot_id)
+    # the global batch: batch_size sequences per micro-batch x grad_accum micro-batches x world_size ranks
+    global_batch = config.batch_size * config.grad_accum * world
+    batches = batching.make_batches(config.batching, shards.train, T, global_batch, config.seed,
+                                    shards.tokenizer.eot_id)
     eval_starts = batching.eval_window_starts(len(shards.val), T, config.eval_tokens)
     step, tokens, elapsed_before = 0, 0, 0.0
     best_val_loss, best_step, evals_since_best = math.inf, None, 0
@@ -676,141 +759,211 @@ def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True
         best_val_loss = float(state["best_val_loss"])
         best_step = state["best_step"]
         evals_since_best = int(state["evals_since_best"])
+        saved_batch = state.get("global_batch")
+        if ddp.is_main and saved_batch is not None and int(saved_batch) != global_batch:
+            print(f"tinystories: note: the global batch is now {global_batch} sequences (batch_size "
+                  f"{config.batch_size} x grad_accum {config.grad_accum} x {world} process(es)); the checkpoint was "
+                  f"trained with {saved_batch}: set --batch-size / --grad-accum so the product is {saved_batch} "
+                  "to continue with the same data", file=sys.stderr, flush=True)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_config.save(out_dir / "config.json")
-    if not (out_dir / "tokenizer_meta.json").exists():
-        shards.tokenizer.save(out_dir)  # the run carries its tokenizer: generation needs no data dir
-    metrics = MetricsLog(out_dir / "metrics.jsonl", state["metrics_offset"] if state is not None else None)
-    trackers = Trackers(config, run_config, out_dir)
+    metrics, trackers = None, None
+    if ddp.is_main:  # rank 0 writes the run directory; the others only train
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_config.save(out_dir / "config.json")
+        if not (out_dir / "tokenizer_meta.json").exists():
+            shards.tokenizer.save(out_dir)  # the run carries its tokenizer: generation needs no data dir
+        metrics = MetricsLog(out_dir / "metrics.jsonl", state["metrics_offset"] if state is not None else None)
+        trackers = Trackers(config, run_config, out_dir)
+        if ddp.enabled:
+            print(f"tinystories: data parallel on {world} processes ({ddp.backend}, {device.type}): global batch "
+                  f"{config.batch_size} x {config.grad_accum} x {world} = {global_batch} sequences of {T} tokens "
+                  "per step", file=sys.stderr, flush=True)
     flops_per_token = run_config.model.flops_per_token(T)
-    peak = peak_flops(device)
-    runnable = torch.compile(model) if config.compile else model
+    peak = peak_flops(device) if ddp.is_main else None
+    runnable = torch.compile(model) if config.compile else model  # evaluation runs this (rank 0 only)
+    trainable = ddp.wrap(runnable)  # training runs this: DDP all-reduces gradients in backward
     if state is not None:
-        restore_rng_state(state["rng"])  # last: everything above may have drawn random numbers
+        # last: everything above may have drawn random numbers
+        per_rank = state.get("rng_per_rank") or []
+        if ddp.rank == 0:
+            restore_rng_state(state["rng"])
+        elif ddp.rank < len(per_rank):
+            restore_rng_state(per_rank[ddp.rank])
+        else:  # a rank the checkpoint did not have (the world grew): a fresh stream for this step
+            seed_rank(config.seed + step, ddp.rank)
 
-    def training_state() -> dict[str, Any]:
-        return {"version": STATE_VERSION, "step": step, "tokens": tokens, "elapsed_seconds": elapsed(),
-                "optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "rng": capture_rng_state(),
-                "best_val_loss": best_val_loss, "best_step": best_step, "evals_since_best": evals_since_best,
-                "metrics_offset": metrics.offset(),
-                # the log interval in progress, so the first train_loss after a resume averages the same steps
-                "interval": {"loss_sum": interval_loss, "steps": interval_steps}}
+    def training_state(rng_per_rank: list[Any] | None) -> dict[str, Any]:
+        state = {"version": STATE_VERSION, "step": step, "tokens": tokens, "elapsed_seconds": elapsed(),
+                 "optimizer": optimizer.state_dict(), "batches": batches.state_dict(), "rng": capture_rng_state(),
+                 "best_val_loss": best_val_loss, "best_step": best_step, "evals_since_best": evals_since_best,
+                 "metrics_offset": metrics.offset(), "global_batch": global_batch, "world_size": world,
+                 # the log interval in progress, so the first train_loss after a resume averages the same steps
+                 "interval": {"loss_sum": interval_loss, "steps": interval_steps}}
+        if rng_per_rank is not None and len(rng_per_rank) > 1:
+            state["rng_per_rank"] = rng_per_rank
+        return state
 
     def save_last() -> None:
-        save_checkpoint(last_dir, model, training_state(), metadata={"step": str(step)})
+        """Write checkpoints/last (rank 0; every rank calls this: it gathers each rank's RNG state, and the
+        others wait at a barrier until the checkpoint is whole)."""
+        read_pending()  # never save a state whose losses were not checked
+        rng_per_rank = ddp.gather(capture_rng_state())
+        if ddp.is_main:
+            save_checkpoint(last_dir, model, training_state(rng_per_rank), metadata={"step": str(step)})
+        ddp.barrier()
+
+    def say(message: str) -> None:
+        if ddp.is_main:
+            _write(bar, message)
 
     start_time = time.perf_counter()
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - start_time
 
-    def out_of_time() -> bool:
-        return config.max_minutes is not None and elapsed() >= 60.0 * config.max_minutes
+    def time_is_up(seconds: float) -> bool:
+        return config.max_minutes is not None and seconds >= 60.0 * config.max_minutes
 
-    bar = _progress_bar(progress, config.max_steps, step)
+    # Steps whose loss and gradient norm (device tensors) were not read yet: reading waits for the device,
+    # so it happens once per log interval, before any evaluation or checkpoint, not after every step.
+    pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad norm)
+
+    def read_pending() -> None:
+        """Read the pending steps' losses (one host sync; summed over ranks); stop at a non-finite one.
+
+        On divergence nothing is saved: checkpoints/last stays the last good state to resume from."""
+        nonlocal interval_loss, last_loss, grad_norm, interval_seconds
+        if not pending:
+            return
+        started = time.perf_counter()
+        losses = ddp.sum_(torch.stack([loss for _, _, loss, _ in pending]))
+        norms = torch.stack([norm.float() for _, _, _, norm in pending])
+        values = torch.stack([losses, norms], dim=1).tolist()  # (n, 2): the sync
+        interval_seconds += time.perf_counter() - started  # the device's share of the interval's steps
+        for (at_step, at_lr, _, _), (loss, norm) in zip(pending, values):
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                pending.clear()
+                kept = (f"the last good checkpoint is {last_dir} (step {_saved_step(last_dir)}), from which the "
+                        "run resumes" if last_dir.exists() else "no checkpoint was saved yet")
+                raise TrainingError(f"training diverged at step {at_step}: loss {loss}, grad norm {norm} "
+                                    f"(lr {at_lr:.3g}); {kept}; try a lower --lr or more warmup")
+            interval_loss += loss
+            last_loss, grad_norm = loss, norm
+        pending.clear()
+
+    evaluated_at = step  # no final evaluation unless this session trains a step
+
+    def evaluate_and_save() -> bool:
+        """Evaluate (rank 0; the others wait), log, write checkpoints. Returns whether patience says stop."""
+        nonlocal best_val_loss, best_step, evals_since_best, evaluated_at
+        read_pending()
+        evaluated_at = step
+        val_loss = (evaluate_loss(runnable, shards.val, eval_starts, T, config.batch_size, device, dtype)
+                    if ddp.is_main else 0.0)
+        val_loss = ddp.broadcast([val_loss])[0]  # every rank keeps the same best / patience bookkeeping
+        val_bpb = val_loss / shards.val_bytes_per_token / math.log(2)
+        improved = val_loss < best_val_loss
+        if improved:
+            best_val_loss, best_step, evals_since_best = val_loss, step, 0
+        else:
+            evals_since_best += 1
+        if ddp.is_main:
+            record = {"step": step, "tokens": tokens, "val_loss": val_loss, "val_bpb": val_bpb, "lr": lr,
+                      "tokens_per_second": last_tokens_per_second, "grad_norm": grad_norm,
+                      "elapsed_seconds": elapsed()}
+            metrics.append(record)
+            trackers.log(record)
+            plot_metrics(metrics.records, out_dir / "loss.png")
+        save_last()
+        if ddp.is_main:
+            if improved:
+                copy_checkpoint(last_dir, best_dir)
+            say(f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte{' (best)' if improved else ''}")
+            if config.sample_tokens > 0:
+                text = sample_story(model, shards.tokenizer, config.sample_tokens, seed=config.seed + step)
+                say(f"sample: {text.strip()}")
+        return config.patience is not None and evals_since_best >= config.patience
+
+    bar = _progress_bar(progress and ddp.is_main, config.max_steps, step)
     interval_loss, interval_steps, interval_tokens, interval_seconds = 0.0, 0, 0, 0.0
     if state is not None:
         interval_loss, interval_steps = float(state["interval"]["loss_sum"]), int(state["interval"]["steps"])
     last_loss, grad_norm, lr = math.nan, math.nan, learning_rate(step, config, elapsed_before)
-    last_tokens_per_second, smoothed_rate = 0.0, None
+    last_tokens_per_second = 0.0
     stop_reason = "max_steps"
     try:
-        with StopSignals() as signals:
+        with StopSignals(repeat_interrupts=not ddp.enabled) as signals:
             while True:
+                # One agreement per step: every rank takes the same decisions from the same clock and signals
+                # (the latest clock and any signal over all ranks; a CPU collective, no device sync).
+                now, signal_code = ddp.agree_max([elapsed(), signals.code])
+                if signal_code:
+                    stop_reason = StopSignals.name_of(signal_code)
+                    save_last()
+                    say(f"{stop_reason.upper()}: saved {last_dir} at step {step}; run the same command again to resume")
+                    break
                 if step >= config.max_steps:
                     stop_reason = "max_steps"
                     break
-                if out_of_time():
+                if time_is_up(now):
                     stop_reason = "max_minutes"
+                    if evaluated_at != step:
+                        evaluate_and_save()
                     break
                 step_start = time.perf_counter()
-                multiplier = lr_multiplier(step, config, elapsed())
+                multiplier = lr_multiplier(step, config, now)
                 optimizer.set_lr_multiplier(multiplier)
                 lr = config.lr * multiplier
-                x, y = batches.next_batch()  # (B * grad_accum, L)
-                last_loss, grad_norm, real_tokens = accumulate_gradients(
-                    runnable, model, x, y, config.grad_accum, config.grad_clip, device, dtype)
-                if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
-                    kept = (f"the last good checkpoint is {last_dir} (step {_saved_step(last_dir)})"
-                            if last_dir.exists() else "no checkpoint was saved yet")
-                    raise TrainingError(f"training diverged at step {step + 1}: loss {last_loss}, grad norm "
-                                        f"{grad_norm} (lr {lr:.3g}); {kept}; try a lower --lr or more warmup")
+                x, y = batches.next_batch()  # the global batch (batch_size * grad_accum * world, L)
+                loss, norm, real_tokens = step_gradients(trainable, model, x, y, config.grad_accum,
+                                                         config.grad_clip, device, dtype, ddp.rank, world)
                 optimizer.step()
                 optimizer.zero_grad()
                 step += 1
                 tokens += real_tokens
-                interval_loss += last_loss
+                pending.append((step, lr, loss, norm))
                 interval_steps += 1
                 interval_tokens += real_tokens
-                step_seconds = time.perf_counter() - step_start
-                interval_seconds += step_seconds
-                # the bar shows a smoothed per-step rate; metrics.jsonl the exact rate per log interval
-                step_rate = real_tokens / max(step_seconds, 1e-9)
-                smoothed_rate = step_rate if smoothed_rate is None else 0.9 * smoothed_rate + 0.1 * step_rate
+                interval_seconds += time.perf_counter() - step_start
 
                 if step % config.log_every == 0 or step == config.max_steps:
+                    read_pending()
                     last_tokens_per_second = interval_tokens / max(interval_seconds, 1e-9)
-                    record = {"step": step, "tokens": tokens, "train_loss": interval_loss / interval_steps,
-                              "lr": lr, "tokens_per_second": last_tokens_per_second, "grad_norm": grad_norm,
-                              "elapsed_seconds": elapsed()}
-                    if peak:
-                        record["mfu"] = flops_per_token * last_tokens_per_second / peak
-                    metrics.append(record)
-                    trackers.log(record)
+                    if ddp.is_main:
+                        record = {"step": step, "tokens": tokens, "train_loss": interval_loss / interval_steps,
+                                  "lr": lr, "tokens_per_second": last_tokens_per_second, "grad_norm": grad_norm,
+                                  "elapsed_seconds": elapsed()}
+                        if peak:
+                            record["mfu"] = flops_per_token * last_tokens_per_second / (peak * world)
+                        metrics.append(record)
+                        trackers.log(record)
+                    if bar is not None:
+                        postfix = {"loss": f"{interval_loss / interval_steps:.3f}", "lr": f"{lr:.2e}",
+                                   "tok/s": _format_count(last_tokens_per_second)}
+                        if peak:
+                            postfix["mfu"] = f"{100 * flops_per_token * last_tokens_per_second / (peak * world):.1f}%"
+                        if config.max_minutes:
+                            postfix["left"] = f"{max(0.0, config.max_minutes - elapsed() / 60):.1f}min"
+                        bar.set_postfix(postfix, refresh=False)
                     interval_loss, interval_steps, interval_tokens, interval_seconds = 0.0, 0, 0, 0.0
                 if bar is not None:
-                    postfix = {"loss": f"{last_loss:.3f}", "lr": f"{lr:.2e}",
-                               "tok/s": _format_count(smoothed_rate)}
-                    if peak:
-                        postfix["mfu"] = f"{100 * flops_per_token * smoothed_rate / peak:.1f}%"
-                    if config.max_minutes:
-                        postfix["left"] = f"{max(0.0, config.max_minutes - elapsed() / 60):.1f}min"
-                    bar.set_postfix(postfix, refresh=False)
                     bar.update(1)
 
-                final = step >= config.max_steps or out_of_time()
-                if step % config.eval_every == 0 or final:
-                    val_loss = evaluate_loss(runnable, shards.val, eval_starts, T, config.batch_size, device, dtype)
-                    val_bpb = val_loss / shards.val_bytes_per_token / math.log(2)
-                    improved = val_loss < best_val_loss
-                    if improved:
-                        best_val_loss, best_step, evals_since_best = val_loss, step, 0
-                    else:
-                        evals_since_best += 1
-                    record = {"step": step, "tokens": tokens, "val_loss": val_loss, "val_bpb": val_bpb, "lr": lr,
-                              "tokens_per_second": last_tokens_per_second, "grad_norm": grad_norm,
-                              "elapsed_seconds": elapsed()}
-                    metrics.append(record)
-                    trackers.log(record)
-                    plot_metrics(metrics.records, out_dir / "loss.png")
-                    save_last()
-                    if improved:
-                        copy_checkpoint(last_dir, best_dir)
-                    _write(bar, f"step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte"
-                                f"{' (best)' if improved else ''}")
-                    if config.sample_tokens > 0:
-                        text = sample_story(model, shards.tokenizer, config.sample_tokens, seed=config.seed + step)
-                        _write(bar, f"sample: {text.strip()}")
-                    if config.patience is not None and evals_since_best >= config.patience:
+                if step % config.eval_every == 0 or step >= config.max_steps:
+                    if evaluate_and_save():
                         stop_reason = "patience"
-                        _write(bar, f"stopping early: no improvement in {config.patience} evaluations")
+                        say(f"stopping early: no improvement in {config.patience} evaluations")
                         break
-                if signals.received is not None:
-                    stop_reason = signals.received
-                    save_last()
-                    _write(bar, f"{stop_reason.upper()}: saved {last_dir} at step {step}; "
-                                "run the same command again to resume")
-                    break
     finally:
         if bar is not None:
             bar.close()
-        trackers.close()
+        if trackers is not None:
+            trackers.close()
 
     best_bpb = best_val_loss / shards.val_bytes_per_token / math.log(2) if math.isfinite(best_val_loss) else None
     return {"best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None, "best_val_bpb": best_bpb,
             "best_step": best_step, "steps": step, "tokens": tokens, "seconds": elapsed(),
-            "stop_reason": stop_reason, "out_dir": str(out_dir)}
+            "stop_reason": stop_reason, "out_dir": str(out_dir), "world_size": world}
 
 
 def _saved_step(directory: Path) -> Any:
