@@ -1,9 +1,6 @@
 """Small helpers shared by the benchmark scripts: describe the machine, print a markdown table, and
 append a dated section to benchmarks/RESULTS.md.
 
-    # benchmarks/tokenize.py shadows the standard library's `tokenize`: put this folder at the END of sys.path
-    _HERE = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE] + [str(_HERE)]
     from common import append_results, machine_description, markdown_table
 """
 

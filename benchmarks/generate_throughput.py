@@ -23,8 +23,6 @@ import warnings
 from itertools import islice
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE] + [str(_HERE)]
 from common import append_results, markdown_table  # noqa: E402
 
 import torch  # noqa: E402

@@ -15,15 +15,10 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/ holds tokenize.py, which would shadow the standard library's `tokenize` (imported by
-# `inspect`, numpy, torch) when this script runs as `python benchmarks/quality.py`: drop the script dir.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
 import dataclasses
 import datetime
-import platform
-import shlex
 import time
 from pathlib import Path
 
@@ -34,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
+from common import append_results  # noqa: E402
 from tinystories import batching  # noqa: E402
 from tinystories.config import RunConfig  # noqa: E402
 from tinystories.train import (  # noqa: E402
@@ -51,20 +47,6 @@ def default_shards() -> Path:
     out = HERE / "out" / "shards-bpe4096"
     prepare([train_file], out, "bpe:4096", [valid_file], progress=True)
     return out
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {model}{gpu}; "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def measure_throughput(run_config: RunConfig, data: Path, steps: int, compile_model: bool) -> float:
@@ -140,16 +122,11 @@ def main() -> int:
     for label, value in throughput.items():
         rows.append((f"throughput, {label} ({args.throughput_steps} steps)", f"{value:,.0f} tokens/s"))
     table = "\n".join(["| measurement | result |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
-    command = "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *sys.argv[1:]])
-    section = (f"\n## Training quality per wall-clock (benchmarks/quality.py), {stamp:%Y-%m-%d %H:%M} UTC\n\n"
-               f"Machine: {machine()}. Command: `{command}`\n\n{table}\n\n"
-               f"Notes: data {data} ({', '.join(notes) or 'as preset'}); the time budget includes torch.compile "
-               f"warm-up and evaluations ({run_config.train.eval_tokens:,} val tokens each). The CPU is shared with "
-               f"other engineers' jobs (1-minute load average {load_before:.1f} before, {load_after:.1f} after), "
-               f"so throughput and therefore loss at a fixed time vary between runs.\n")
-    print(section)
-    with open(args.results, "a") as file:
-        file.write(section)
+    notes = (f"Notes: data {data} ({', '.join(notes) or 'as preset'}); the time budget includes torch.compile "
+             f"warm-up and evaluations ({run_config.train.eval_tokens:,} val tokens each). 1-minute load average "
+             f"{load_before:.1f} before, {load_after:.1f} after (2 cores: above ~0.5, something else shared the CPU).")
+    print(table + "\n\n" + notes)
+    append_results("Training quality per wall-clock (benchmarks/quality.py)", table + "\n\n" + notes, args.results)
     return 0
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE] + [str(HERE)]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from common import append_results, load_average, markdown_table  # noqa: E402

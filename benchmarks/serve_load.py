@@ -17,9 +17,6 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/ holds tokenize.py, which would shadow the standard library's `tokenize` when this
-# script runs as `python benchmarks/serve_load.py`: drop the script's directory from the path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse
 import asyncio

@@ -20,14 +20,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# benchmarks/tokenize.py would shadow the standard library's `tokenize` (imported by inspect, numpy, torch):
-# move this script's folder from the front of the import path to the back, where `common` is still found.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE] + [str(_HERE)]
 
 import torch  # noqa: E402
 
-from common import append_results, load_average, machine_description, markdown_table  # noqa: E402
+from common import append_results, load_average, markdown_table  # noqa: E402
 from tinystories.config import ModelConfig, get_preset  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
 

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tinystories import cli
 from tinystories.config import ModelConfig
