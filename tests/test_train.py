@@ -292,6 +292,43 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(prepared_small,
     assert all(torch.isfinite(t).all() for t in load_weights(run_dir / "checkpoints" / "last").values())
 
 
+def test_divergence_between_log_steps_is_found_at_the_next_read_and_nothing_bad_is_saved(prepared_small, tmp_path,
+                                                                                         monkeypatch):
+    """Losses are read from the device only at log steps (and before evaluations and checkpoints): a NaN at
+    step 7 with log_every 3 is found at step 9, named as step 7, and the step-5 checkpoint stays the last."""
+    def model_that_diverges(config):
+        model = GPT(config)
+        calls = {"training": 0}
+
+        def inject_nan(module, inputs, output):
+            if module.training:
+                calls["training"] += 1
+                if calls["training"] == 7:  # step 7 only: a transient spike the next steps would not show
+                    logits, loss = output
+                    return logits, loss * float("nan")
+            return output
+
+        model.register_forward_hook(inject_nan)
+        return model
+
+    monkeypatch.setattr(train_module, "create_model", model_that_diverges)
+    read_at_steps = []
+    real_read = torch.Tensor.tolist
+
+    def counting_tolist(tensor):
+        if tensor.dim() == 2 and tensor.shape[1] == 2:  # the loop's (steps, [loss, grad norm]) read
+            read_at_steps.append(tensor.shape[0])
+        return real_read(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"diverged at step 7: loss nan.*checkpoints/last \(step 5\)"):
+        train(tiny_run(prepared_small, "max_steps=20", "eval_every=5", "log_every=3"), run_dir, progress=False)
+    assert read_at_steps == [3, 2, 1, 3]  # reads at steps 3, 5 (eval), 6 and 9: one per log interval or eval
+    assert load_training_state(run_dir / "checkpoints" / "last")["step"] == 5
+    assert [r["step"] for r in read_metrics(run_dir) if "train_loss" in r] == [3, 6]  # nothing logged after
+
+
 def test_mismatched_config_is_one_clear_error(prepared_small, tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_run(prepared_small, "max_steps=2", "eval_every=2"), run_dir, progress=False)

@@ -89,9 +89,15 @@ class Distributed:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
+        import inspect
+
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        # broadcast_buffers=False: the model's only buffers are RoPE tables, equal on every rank by construction
-        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+        # no buffer broadcast before each forward: the model's only buffers are RoPE tables, equal on every
+        # rank by construction (newer torch names the option forward_sync_buffers)
+        options = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+        return DistributedDataParallel(module, device_ids=device_ids, **options)
 
     def agree_max(self, values: list[float]) -> list[float]:
         """The element-wise maximum of `values` over all ranks (float64 on the CPU: no GPU sync)."""

@@ -695,7 +695,9 @@ def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True
     ddp = distributed.setup(select_device(config.device))
     try:
         ddp.barrier()  # every rank has read the run directory before rank 0 writes to it
-        return _train(run_config, out_dir, resuming, init_from, progress, shards, ddp)
+        summary = _train(run_config, out_dir, resuming, init_from, progress, shards, ddp)
+        ddp.barrier()  # ranks return together: torchrun stops the job when the first one exits with a failure
+        return summary
     finally:
         ddp.close()
 
