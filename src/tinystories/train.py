@@ -547,9 +547,9 @@ class Trackers:
 class StopSignals:
     """Turn SIGINT/SIGTERM into a flag the loop polls before each step (so it can checkpoint and exit).
 
-    A second signal raises KeyboardInterrupt, unless `repeat_interrupts` is False: under torchrun a
-    Ctrl-C reaches each worker twice (from the terminal, and forwarded by torchrun), and torchrun kills
-    workers that outlive its own grace period anyway.
+    A second signal raises KeyboardInterrupt, unless `repeat_interrupts` is False. Under torchrun one
+    stop can reach a worker twice (a scheduler such as Slurm signals every process of the job, and
+    torchrun forwards the signal it got), and torchrun kills workers that outlive its grace period anyway.
     """
 
     NAMES = {signal.SIGINT: "sigint", signal.SIGTERM: "sigterm"}
