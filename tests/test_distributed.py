@@ -200,3 +200,12 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(prepared_small, 
     assert state["step"] >= 3 and len(state["rng_per_rank"]) == 2
     assert state["step"] == max(r["step"] for r in read_metrics(run_dir))  # the step both ranks stopped at
     assert load_weights(run_dir / "checkpoints" / "last")
+
+    # the same command resumes it with the same world size (each rank restores its own random state)
+    target = state["step"] + 2
+    with torchrun_job(torchrun_command(prepared_small, run_dir, "--max-steps", str(target), "--eval-every",
+                                       "100000", "--batch-size", "2")) as job:
+        output = job.communicate(timeout=90)[0].decode()
+    assert job.returncode == 0, output[-3000:]
+    assert load_training_state(run_dir / "checkpoints" / "last")["step"] == target
+    assert [r["step"] for r in read_metrics(run_dir) if "train_loss" in r] == list(range(1, target + 1))
