@@ -677,7 +677,7 @@ def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True
           init_from: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in `out_dir`. Returns a summary: best_val_loss, best_val_bpb, steps,
     tokens, seconds, stop_reason ('max_steps' | 'max_minutes' | 'patience' | 'sigint' | 'sigterm'),
-    world_size.
+    world_size, rank (this process: 0 unless under torchrun).
 
     Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) every process calls this with the same config
     and trains its share of each global batch with DistributedDataParallel (see distributed.py); every
@@ -965,7 +965,7 @@ def _train(run_config: RunConfig, out_dir: Path, resuming: bool, init_from: str 
     best_bpb = best_val_loss / shards.val_bytes_per_token / math.log(2) if math.isfinite(best_val_loss) else None
     return {"best_val_loss": best_val_loss if math.isfinite(best_val_loss) else None, "best_val_bpb": best_bpb,
             "best_step": best_step, "steps": step, "tokens": tokens, "seconds": elapsed(),
-            "stop_reason": stop_reason, "out_dir": str(out_dir), "world_size": world}
+            "stop_reason": stop_reason, "out_dir": str(out_dir), "world_size": world, "rank": ddp.rank}
 
 
 def _saved_step(directory: Path) -> Any:
