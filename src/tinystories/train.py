@@ -681,7 +681,7 @@ def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True
 
     Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) every process calls this with the same config
     and trains its share of each global batch with DistributedDataParallel (see distributed.py); every
-    rank returns the same summary.
+    rank returns the same summary (but for `rank`).
     """
     out_dir = Path(out_dir)
     config = run_config.train
