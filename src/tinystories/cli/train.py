@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -93,9 +94,12 @@ def run(args: argparse.Namespace) -> int:
     from tinystories.train import train
 
     run_config, notes = build_run_config(args)
-    for note in notes:
+    is_rank_zero = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 talks
+    for note in notes if is_rank_zero else []:
         print(f"tinystories: {note}", file=sys.stderr)
     summary = train(run_config, args.out, resume=True, init_from=args.init_from, progress=args.progress)
+    if summary.get("rank", 0) != 0:
+        return EXIT_CODES.get(summary["stop_reason"], 0)
     best = summary["best_val_loss"]
     best_text = f"best val loss {best:.4f} ({summary['best_val_bpb']:.4f} bits/byte)" if best is not None else "no evaluation yet"
     print(f"tinystories: {summary['stop_reason']} after {summary['steps']} steps, {summary['tokens']:,} tokens, "
