@@ -511,3 +511,152 @@ def test_cli_import(tmp_path, llama2c_files, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main(["export", str(out), "--format", "llama2c", "--out", str(tmp_path / "back")]) == 0
     assert (tmp_path / "back" / "model.bin").read_bytes() == model_bin.read_bytes()
+
+
+# --- byte-level round trip: our export, then our import -----------------------------------------
+
+ROUND_TRIP_SENTENCES = [
+    "Once upon a time, there was a little girl named Lily. She liked to read books.",
+    "Tom and his dog Max ran to the park. They played with a big red ball all day!",
+    "\"Can I have a cookie?\" asked Sue. Mom smiled and said, \"Yes, you can.\"",
+    "The bird sang a happy song in the tall tree, and the sun was warm and bright.",
+] * 4
+ROUND_TRIP_TEXTS = [
+    "Once upon a time, Lily played with her ball.",
+    "naïve café – 😀",
+    "  Two spaces,\ttabs\nand new lines 12345. It's Tom's!" + EOT + "Next story.",
+    "Zebras quack? ÿ 日本語",
+]
+
+
+def make_tokenizer_run(directory: Path, spec: str, vocab_size: int = 320, tied: bool = False):
+    """A run directory with a real tinystories tokenizer (`make_tokenizer`) and a random model."""
+    from export_helpers import randomize
+    from tinystories.checkpoint import save_checkpoint
+    from tinystories.config import RunConfig, TrainConfig
+    from tinystories.model import GPT
+    from tinystories.tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer(spec, ROUND_TRIP_SENTENCES)
+    config = llama_config(vocab_size=vocab_size, tie_embeddings=tied, d_model=48, d_ff=80, context_length=64)
+    directory.mkdir(parents=True)
+    RunConfig(model=config, train=TrainConfig(), tokenizer=spec).save(directory / "config.json")
+    tokenizer.save(directory)
+    model = randomize(GPT(config), seed=3)
+    save_checkpoint(directory / "checkpoints" / "best", model)
+    return directory, model, tokenizer
+
+
+def export_import_by_cli(tmp_path: Path, run: Path) -> Path:
+    assert main(["export", str(run), "--format", "llama2c", "--out", str(tmp_path / "l2c")]) == 0
+    imported = tmp_path / "imported"
+    assert main(["import", "llama2c", str(tmp_path / "l2c" / "model.bin"), "--tokenizer",
+                 str(tmp_path / "l2c" / "tokenizer.bin"), "--out", str(imported)]) == 0
+    return imported
+
+
+def exporter_order(run: Path, tokenizer, vocab_size: int) -> list[int]:
+    """order[llama2c id] = original id, as the exporter computes it from the run's files."""
+    from tinystories.export import load_source
+    from tinystories.llama2c import byte_level_vocab_order
+
+    return byte_level_vocab_order(load_source(run).tokenizer_json(), vocab_size, tokenizer.eot_id)
+
+
+@pytest.mark.parametrize("spec, vocab_size, tied", [("bpe:300", 320, False), ("bytes", 264, True)])
+def test_byte_level_export_import_round_trip(tmp_path, spec, vocab_size, tied):
+    from tinystories.checkpoint import load_run
+    from tinystories.generate import load_model
+
+    run, model, original = make_tokenizer_run(tmp_path / "run", spec, vocab_size, tied)
+    imported = export_import_by_cli(tmp_path, run)
+    order = exporter_order(run, original, vocab_size)
+    assert sorted(order) == list(range(vocab_size)) and order != list(range(vocab_size))
+    meta = json.loads((imported / "tokenizer_meta.json").read_text())
+    assert meta["kind"] == "bpe" and meta["eot_id"] == 1 and not (imported / "tokenizer.bin").exists()
+    loaded, tokenizer, run_config = load_run(imported)
+    assert run_config.model == load_run_config(run).model
+
+    # (1) The same tokens, relabelled by the exporter's permutation; exact round trip.
+    for text in ROUND_TRIP_TEXTS:
+        ids = tokenizer.encode(text)
+        assert [order[i] for i in ids] == original.encode(text), text
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.eot_id == 1 and order[1] == original.eot_id
+
+    # (2) The same logits, up to the relabelling of the vocabulary.
+    old_ids = [original.eot_id] + original.encode(ROUND_TRIP_TEXTS[0] + " " + ROUND_TRIP_TEXTS[1])
+    new_ids = [order.index(i) for i in old_ids]
+    with torch.no_grad():
+        expected = model(torch.tensor([old_ids]))[0][0][:, order]
+        got = loaded(torch.tensor([new_ids]))[0][0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+    # (3) Greedy generation through generate.load_model gives the same text and tokens.
+    before, after = (load_model(path).generate("Once upon a time, Lily", max_new_tokens=24, temperature=0)[0]
+                     for path in (run, imported))
+    assert after.text == before.text and [order[i] for i in after.token_ids] == before.token_ids
+    assert len(before.token_ids) > 0
+
+
+@pytest.mark.parametrize("spec, vocab_size", [("bpe:300", 320), ("bytes", 264)])
+def test_byte_level_import_exports_back_identically(tmp_path, spec, vocab_size):
+    run, _, _ = make_tokenizer_run(tmp_path / "run", spec, vocab_size)
+    imported = export_import_by_cli(tmp_path, run)
+    assert main(["export", str(imported), "--format", "llama2c", "--out", str(tmp_path / "again")]) == 0
+    for name in ("model.bin", "tokenizer.bin"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "l2c" / name).read_bytes(), name
+
+
+def merge_pairs(tokenizer_json: dict) -> list[tuple[str, str]]:
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in tokenizer_json["model"]["merges"]]
+
+
+def relabelled_for_run_c(tokenizer) -> tuple[list[bytes], list[float], list[int]]:
+    """(pieces, scores, order) of tokenizer.bin as the exporter writes it for `tokenizer`."""
+    from tinystories.llama2c import byte_level_pieces, byte_level_vocab_order
+
+    values = json.loads(tokenizer._hf.to_str())
+    order = byte_level_vocab_order(values, tokenizer.vocab_size, tokenizer.eot_id)
+    pieces, scores = byte_level_pieces(values, tokenizer.vocab_size)
+    return [pieces[i] for i in order], [scores[i] for i in order], order
+
+
+def test_byte_level_import_recovers_the_training_merges(tmp_path):
+    """Each merge is rebuilt as the very pair the trainer merged, in the same order."""
+    from tinystories.llama2c import byte_level_tokenizer_from_pieces
+    from tinystories.tokenizer import make_tokenizer
+
+    original = make_tokenizer("bpe:300", ROUND_TRIP_SENTENCES)
+    pieces, scores, _ = relabelled_for_run_c(original)
+    rebuilt = byte_level_tokenizer_from_pieces(pieces, scores)
+    assert merge_pairs(json.loads(rebuilt._hf.to_str())) == merge_pairs(json.loads(original._hf.to_str()))
+
+
+def test_gpt2_vocabulary_rebuilds_exactly(gpt2_dir):
+    """GPT-2's 50,000 merges, many of whose tokens split into earlier tokens in several ways
+    ('abc' = 'ab'+'c' = 'a'+'bc'), come back as vocab.bpe has them, and encode the same."""
+    from tinystories.llama2c import byte_level_tokenizer_from_pieces
+    from tinystories.tokenizer import gpt2_tokenizer
+
+    original = gpt2_tokenizer(gpt2_dir)
+    pieces, scores, order = relabelled_for_run_c(original)
+    rebuilt = byte_level_tokenizer_from_pieces(pieces, scores)
+    expected = merge_pairs(json.loads(original._hf.to_str()))
+    assert merge_pairs(json.loads(rebuilt._hf.to_str())) == expected
+    made = {a + b for a, b in expected}
+    ambiguous = sum(1 for a, b in expected
+                    if sum((a + b)[:cut] in made and (a + b)[cut:] in made for cut in range(1, len(a + b))) > 1)
+    assert ambiguous > 1000  # so a naive "first split that exists" would have been caught
+    for text in ROUND_TRIP_TEXTS + ROUND_TRIP_SENTENCES[:4]:
+        ids = rebuilt.encode(text)
+        assert [order[i] for i in ids] == original.encode(text) and rebuilt.decode(ids) == text
+
+
+def test_byte_level_vocab_without_eot_at_1_is_refused(tmp_path):
+    pieces = [b"x", b"y", b"z"] + [bytes([b]) for b in range(256)]
+    write_tokenizer_bin_by_hand(tmp_path / "tok.bin", pieces, [0.0] * len(pieces))
+    write_model_bin_by_hand(tmp_path / "model.bin", vocab=len(pieces), shared=True)
+    assert main(["import", "llama2c", str(tmp_path / "model.bin"), "--tokenizer", str(tmp_path / "tok.bin"),
+                 "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()

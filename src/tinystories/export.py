@@ -31,9 +31,9 @@ from tinystories.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, build_model, load
                                     resolve_checkpoint, save_checkpoint)
 from tinystories.config import RunConfig, TrainConfig, write_json_atomic
 from tinystories.errors import UserError
-from tinystories.llama2c import (TOKENIZER_BIN, Llama2cTokenizer, byte_level_pieces, byte_level_vocab_order,
-                                 read_llama2c_bin,
-                                 read_tokenizer_bin, write_llama2c_bin, write_tokenizer_bin)
+from tinystories.llama2c import (TOKENIZER_BIN, Llama2cTokenizer, byte_level_pieces, byte_level_tokenizer_from_pieces,
+                                 byte_level_vocab_order, is_byte_level_vocab, read_llama2c_bin, read_tokenizer_bin,
+                                 write_llama2c_bin, write_tokenizer_bin)
 
 FORMATS = ("hf", "gguf", "llama2c", "safetensors")
 IMPORT_FORMATS = ("llama2c",)
@@ -272,16 +272,23 @@ def import_llama2c(model_bin: str | os.PathLike, tokenizer_bin: str | os.PathLik
 
     The run has config.json (RMSNorm eps 1e-5, RoPE theta 10000, SwiGLU with d_ff = hidden_dim, no
     biases, n_kv_head from the header, tied per the sign of vocab_size), checkpoints/best and
-    checkpoints/last, and a 'llama2c' tokenizer (tokenizer.bin, tokenizer.json, tokenizer_meta.json).
+    checkpoints/last, and a tokenizer: a 'llama2c' one (tokenizer.bin, tokenizer.json,
+    tokenizer_meta.json) for a sentencepiece vocabulary, or, for a byte-level vocabulary our own
+    llama2c export wrote (EOT at id 1, byte b at id 3 + b), the byte-level BPE rebuilt from it as a
+    kind 'bpe' tokenizer (tokenizer.json, tokenizer_meta.json) with the file's ids.
     """
     model_bin, tokenizer_bin = Path(model_bin), Path(tokenizer_bin)
     for path, what in ((model_bin, "MODEL.bin"), (tokenizer_bin, "--tokenizer")):
         if not path.is_file():
             raise ExportError(f"{what} {path}: no such file")
     config, weights = read_llama2c_bin(model_bin)
-    tokenizer = Llama2cTokenizer.from_bin(tokenizer_bin, vocab_size=config.vocab_size)
+    pieces, scores, _ = read_tokenizer_bin(tokenizer_bin, vocab_size=config.vocab_size)
+    if is_byte_level_vocab(pieces):
+        tokenizer = byte_level_tokenizer_from_pieces(pieces, scores, source=str(tokenizer_bin))
+    else:
+        tokenizer = Llama2cTokenizer(pieces, scores, source=str(tokenizer_bin))
     model = build_model(config, weights, source=str(model_bin))
-    run_config = RunConfig(model=config, train=TrainConfig(), tokenizer="llama2c")
+    run_config = RunConfig(model=config, train=TrainConfig(), tokenizer=tokenizer.spec)
     metadata = {"source": f"llama2.c checkpoint {model_bin.name}"}
     with atomic_directory(out, force) as directory:
         run_config.save(directory / CONFIG_FILE)

@@ -17,6 +17,8 @@ way out and back on the way in. run.c hard-codes RMSNorm eps 1e-5, RoPE theta 10
 Tokenizer (`run.c`'s `build_tokenizer`): int32 max_token_length, then per token: float32 score,
 int32 length, the piece's bytes. Pieces come from sentencepiece with '▁' written as ' '; <s> is
 written as "\\n<s>\\n", </s> as "\\n</s>\\n", and 256 byte-fallback pieces "<0x00>".."<0xFF>" follow.
+Our own byte-level export (`byte_level_vocab_order`) writes <|endoftext|> at id 1 and byte b at id
+3 + b instead; importing such a file rebuilds the byte-level BPE (`byte_level_tokenizer_from_pieces`).
 """
 
 from __future__ import annotations
@@ -325,7 +327,9 @@ def byte_level_pieces(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[
     pieces: list[bytes] = [b""] * vocab_size
     scores: list[float] = [0.0] * vocab_size
     for token, token_id in model["vocab"].items():
-        if token_id < vocab_size:
+        # A token outside the byte-level alphabet is an unused id's placeholder (see
+        # `byte_level_tokenizer_from_pieces`): it stands for no bytes, like a padded id.
+        if token_id < vocab_size and all(char in byte_of for char in token):
             pieces[token_id] = bytes(byte_of[char] for char in token)
     for added in tokenizer_json.get("added_tokens", []):
         if added["id"] < vocab_size:
@@ -336,6 +340,109 @@ def byte_level_pieces(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[
         if merged_id is not None and merged_id < vocab_size and scores[merged_id] == 0.0:
             scores[merged_id] = -float(rank + 1)
     return pieces, scores
+
+
+def is_byte_level_vocab(pieces: Sequence[bytes]) -> bool:
+    """True for a vocabulary laid out by `byte_level_vocab_order` (our byte-level export).
+
+    Token 3 + b is exactly the single byte b for every b, and there is no sentencepiece byte-fallback
+    piece "<0xXX>" (a sentencepiece vocabulary holds those at ids 3..258 instead).
+    """
+    return (len(pieces) >= 3 + 256 and all(pieces[3 + byte] == bytes([byte]) for byte in range(256))
+            and not any(BYTE_PIECE.fullmatch(piece) for piece in pieces))
+
+
+def _bpe_parts(piece: bytes, merge_ranks: dict[tuple[bytes, bytes], int]) -> list[bytes]:
+    """`piece` split into tokens by the merges in `merge_ranks`, the way a BPE encoder does it:
+    repeatedly merge the adjacent pair whose merge comes first."""
+    parts = [bytes([byte]) for byte in piece]
+    while len(parts) > 1:
+        ranked = [(merge_ranks.get(pair), index) for index, pair in enumerate(zip(parts, parts[1:]))]
+        ranked = [(rank, index) for rank, index in ranked if rank is not None]
+        if not ranked:
+            break
+        _, index = min(ranked)
+        parts[index:index + 2] = [parts[index] + parts[index + 1]]
+    return parts
+
+
+def _merge_split(piece: bytes, merge_ranks: dict[tuple[bytes, bytes], int],
+                 known: set[bytes]) -> tuple[bytes, bytes] | None:
+    """The pair of earlier tokens whose merge made `piece`, or None if no split has both halves.
+
+    With one candidate split it is that one. With several (e.g. 'abc' = 'ab'+'c' = 'a'+'bc') the
+    training merge is the split a BPE encoder gives `piece` with the merges before it: the trainer
+    tokenized its text with exactly those merges when it found the pair. Recovering the merges this
+    way is what makes the rebuilt tokenizer encode like the original, not just decode like it.
+    """
+    candidates = [(piece[:cut], piece[cut:]) for cut in range(1, len(piece))
+                  if piece[:cut] in known and piece[cut:] in known]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    parts = _bpe_parts(piece, merge_ranks)
+    if len(parts) == 2 and (parts[0], parts[1]) in candidates:
+        return parts[0], parts[1]
+    return candidates[0]  # not a vocabulary a BPE trainer made: any split still decodes exactly
+
+
+def byte_level_tokenizer_from_pieces(pieces: Sequence[bytes], scores: Sequence[float],
+                                     source: str = "tokenizer.bin"):
+    """Rebuild our byte-level BPE (kind 'bpe') from a tokenizer.bin our exporter wrote.
+
+    The ids stay those of the file (EOT at 1, byte b at 3 + b), so the imported model and tokenizer
+    agree. Merged tokens score -(merge rank + 1) (`byte_level_pieces`); each becomes a merge of the
+    two earlier tokens that make it up (`_merge_split`), in rank order. Ids with an empty piece
+    (a padded embedding) below the last real token get a placeholder the encoder can never produce
+    (its first character is outside the byte-level alphabet); empty ones after it are left out, as
+    a padded model's tokenizer does. Works for the 'bytes' kind too (no merges).
+
+    Assumption: tokenizer.bin stores no pre-tokenizer. The rebuilt one is the standard ByteLevel
+    (GPT-2 regex, no prefix space) that our 'bpe' and 'gpt2' kinds use; a byte-level BPE trained
+    with another pre-tokenization would decode exactly but might split text differently.
+    """
+    from tokenizers import AddedToken, models
+
+    from tinystories.tokenizer import EOT, BPETokenizer, _byte_level_tokenizer, bytes_to_unicode
+
+    if pieces[1] != EOT.encode("utf-8"):
+        raise Llama2cError(f"{source}: a byte-level vocabulary (byte b at id 3 + b) but token 1 is "
+                           f"{pieces[1][:40]!r}, not {EOT}: not written by tinystories' llama2c export")
+    symbol = bytes_to_unicode()
+    used = max(token_id for token_id, piece in enumerate(pieces) if piece) + 1
+    strings: list[str] = []
+    for token_id, piece in enumerate(pieces[:used]):
+        if token_id == 1:
+            strings.append(EOT)
+        elif not piece:
+            strings.append(f"\ufffd<unused{token_id}>")
+        else:
+            strings.append("".join(symbol[byte] for byte in piece))
+    vocab: dict[str, int] = {}
+    for token_id, string in enumerate(strings):
+        if string in vocab:
+            raise Llama2cError(f"{source}: token {token_id} repeats piece {string!r} of token {vocab[string]}")
+        vocab[string] = token_id
+    merged = [token_id for token_id, piece in enumerate(pieces[:used])
+              if token_id != 1 and len(piece) > 1]
+    for token_id in merged:
+        if scores[token_id] >= 0:
+            raise Llama2cError(f"{source}: token {token_id} ({pieces[token_id][:40]!r}) is several bytes but "
+                               f"has score {scores[token_id]:g}; a merged token scores -(merge rank + 1)")
+    merged.sort(key=lambda token_id: (-scores[token_id], token_id))  # first merge first
+    known = {bytes([byte]) for byte in range(256)}
+    merge_ranks: dict[tuple[bytes, bytes], int] = {}
+    for rank, token_id in enumerate(merged):
+        piece = pieces[token_id]
+        split = _merge_split(piece, merge_ranks, known)
+        if split is None:
+            raise Llama2cError(f"{source}: token {token_id} ({piece[:40]!r}) is no merge of two earlier tokens")
+        merge_ranks.setdefault(split, rank)
+        known.add(piece)
+    merges = [("".join(symbol[b] for b in left), "".join(symbol[b] for b in right))
+              for (left, right), _ in sorted(merge_ranks.items(), key=lambda item: item[1])]
+    hf_tokenizer = _byte_level_tokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf_tokenizer.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    return BPETokenizer(hf_tokenizer, "bpe", f"bpe:{used}")
 
 
 class Llama2cTokenizer:
