@@ -401,30 +401,21 @@ def evaluate_loss(model: nn.Module, tokens: np.ndarray, starts: np.ndarray, cont
     return total / count
 
 
-@torch.no_grad()
 def sample_story(model: nn.Module, tokenizer: Any, num_tokens: int, seed: int, temperature: float = 0.7,
                  top_k: int = 20) -> str:
-    """A short story from EOT with low-temperature top-k sampling (own generator: training RNG untouched)."""
+    """A short story from EOT with low-temperature top-k sampling, through the real sampler
+    (tinystories.generate). It samples with its own generator, so the training RNG is untouched."""
+    from tinystories.generate import LanguageModel
+
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    length = min(num_tokens, model.config.context_length - 1)
-    generator = torch.Generator().manual_seed(seed)
-    cache = model.new_cache(1, length + 1)
-    next_token = torch.tensor([[tokenizer.eot_id]], device=device)
-    generated: list[int] = []
-    for _ in range(length):
-        logits, _ = model(next_token, cache=cache)  # (1, 1, V)
-        logits = logits[0, -1].float().cpu() / temperature
-        top_values, top_indices = torch.topk(logits, min(top_k, logits.numel()))
-        choice = top_indices[torch.multinomial(torch.softmax(top_values, dim=-1), 1, generator=generator)]
-        token = int(choice)
-        if token == tokenizer.eot_id:
-            break
-        generated.append(token)
-        next_token = torch.tensor([[token]], device=device)
-    model.train(was_training)
-    return tokenizer.decode(generated)
+    try:
+        length = min(num_tokens, model.config.context_length - 1)
+        completion = LanguageModel(model, tokenizer).generate(
+            "", max_new_tokens=length, temperature=temperature, top_k=top_k, seed=seed)[0]
+    finally:
+        model.train(was_training)
+    return completion.text
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
