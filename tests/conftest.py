@@ -82,3 +82,15 @@ def prepared_small(small_story_files: tuple[Path, Path], tmp_path_factory: pytes
     out_dir = tmp_path_factory.mktemp("prepared_small")
     prepare([train], out_dir, SMALL_BPE_SPEC, [val], progress=False)
     return out_dir
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One CPU thread for training tests: the machine may be shared, and tiny models run fastest
+    without thread hand-offs. Restores torch's thread count afterwards."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -30,13 +30,8 @@ DDP_SETS = ["n_layer=1", "d_model=32", "n_head=2", "context_length=32", "eval_to
             "device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One CPU thread: the machine is shared, and tiny models run fastest without thread hand-offs."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+# One CPU thread (the fixture is in conftest.py): tiny models run fastest without thread hand-offs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_config(data: Path, *overrides: str) -> RunConfig:
