@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "serve",
     "export",
     "presets",
+    "inspect",
     "demo",
 ]
 
