@@ -37,3 +37,7 @@ bench: install-dev
 
 clean:
 	rm -rf $(VENV) out build dist src/*.egg-info
+
+.PHONY: docs-figures
+docs-figures: install  ## redraw docs/figures from the demo run (make demo first)
+	$(BIN)/python docs/make_figures.py --run $(DEMO_OUT)/run --out docs/figures

@@ -122,11 +122,13 @@ def attention_weights(model: GPT, ids: torch.Tensor) -> torch.Tensor:
 
 
 def token_labels(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """A short printable label per token: its text, spaces shown as '·', newlines as '⏎'."""
+    """A short printable label per token: its text, spaces shown as '·', newlines as '⏎', other
+    control characters as \\xNN."""
     labels = []
     for token in ids:
-        text = tokenizer.decode([int(token)])
-        labels.append(text.replace(" ", "·").replace("\n", "⏎") or "∅")
+        text = tokenizer.decode([int(token)]).replace(" ", "·").replace("\n", "⏎")
+        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)  # fonts lack control glyphs
+        labels.append(text or "∅")
     return labels
 
 
@@ -165,9 +167,11 @@ def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
 
 
 def plot_attention(weights: torch.Tensor, labels: Sequence[str], path: str | os.PathLike,
-                   layer: int | None = None, title: str | None = None, dpi: int = 100) -> Path:
+                   layer: int | None = None, title: str | None = None, dpi: int = 100,
+                   tick_labels: bool | None = None) -> Path:
     """Heat maps of attention weights (L, H, T, T): one panel per head of `layer`, or with layer=None
-    a grid of layers (rows) x heads (columns). Rows are queries, columns the keys they attend to."""
+    a grid of layers (rows) x heads (columns). Rows are queries, columns the keys they attend to.
+    tick_labels: label rows and columns with the tokens (default: when T <= 24)."""
     plt = _pyplot()
     L, H, T, _ = weights.shape
     if layer is not None and not 0 <= layer < L:
@@ -175,7 +179,7 @@ def plot_attention(weights: torch.Tensor, labels: Sequence[str], path: str | os.
     layers = list(range(L)) if layer is None else [layer]
     panel = 2.6 if T <= 24 else 3.2
     figure, axes = plt.subplots(len(layers), H, figsize=(panel * H, panel * len(layers) + 0.6), squeeze=False)
-    show_labels = T <= 24  # tick labels become unreadable on long prompts
+    show_labels = T <= 24 if tick_labels is None else tick_labels  # unreadable on long prompts
     for row, layer_index in enumerate(layers):
         for head in range(H):
             ax = axes[row][head]

@@ -1,0 +1,239 @@
+"""Draw every figure of docs/ from a trained run, and print the measured tables the pages quote.
+
+    .venv/bin/python docs/make_figures.py --run out/demo/run --out docs/figures     # `make docs-figures`
+    .venv/bin/python docs/make_figures.py --run out/demo/run --tables               # markdown tables to stdout
+
+Figures (PNG, dpi 100 or less, each well under 100 KB):
+  architecture-tiny.png    the run's model as a block diagram            (tinystories.inspect.draw_architecture)
+  attention-layer0.png     layer 0's heads on a story's first sentence   (tinystories.inspect.attention_weights)
+  attention-grid.png       every layer x head on the same sentence
+  lr-schedule.png          cosine vs wsd for the run's TrainConfig        (tinystories.train.learning_rate)
+  sampling.png             the next-token distribution under temperature, top-k, top-p (generate.filter_*)
+  demo-loss.png            train/val loss and gradient norm from the run's metrics.jsonl (train.plot_metrics)
+
+The tables (--tables) are text: how the run's tokenizer splits sentences, the parameter breakdown of
+every preset, sample stories per sampling setting, and a torch.profiler profile of a few training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tinystories.config import TrainConfig, get_preset, preset_names
+from tinystories.generate import LanguageModel, filter_top_k, filter_top_p, load_model
+from tinystories.inspect import (_pyplot, attention_weights, draw_architecture, parameter_breakdown,
+                                 plot_attention, save_figure, token_labels)
+from tinystories.train import learning_rate, plot_metrics
+
+ATTENTION_PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
+SAMPLING_PROMPT = "Once upon a time, there was a little"
+SAMPLING_SETTINGS = [  # (label, sampling options)
+    ("greedy (temperature 0)", {"temperature": 0.0}),
+    ("temperature 0.5", {"temperature": 0.5}),
+    ("temperature 1.0", {"temperature": 1.0}),
+    ("temperature 1.5", {"temperature": 1.5}),
+    ("temperature 1.0, top-k 10", {"temperature": 1.0, "top_k": 10}),
+    ("temperature 1.0, top-p 0.9", {"temperature": 1.0, "top_p": 0.9}),
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures
+
+
+def figure_architecture(lm: LanguageModel, out: Path) -> Path:
+    return draw_architecture(lm.model.config, out / "architecture-tiny.png")
+
+
+def figure_attention(lm: LanguageModel, out: Path) -> list[Path]:
+    ids = lm.encode_prompt(ATTENTION_PROMPT)[:20]
+    weights = attention_weights(lm.model, torch.tensor(ids))  # (L, H, T, T)
+    labels = token_labels(lm.tokenizer, ids)
+    labels[0] = "EOT"
+    return [plot_attention(weights, labels, out / "attention-layer0.png", layer=0, dpi=90),
+            plot_attention(weights, labels, out / "attention-grid.png", dpi=70, tick_labels=False)]
+
+
+def figure_lr_schedule(train: TrainConfig, out: Path) -> Path:
+    """The learning rate of every step for the run's recipe, with the schedule set to cosine and wsd."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6.4, 3.2))
+    steps = range(train.max_steps)
+    for schedule in ("cosine", "wsd"):
+        config = dataclasses.replace(train, schedule=schedule, max_minutes=None)
+        ax.plot(steps, [learning_rate(step, config) for step in steps], label=schedule, linewidth=1.5)
+    ax.set(xlabel="optimizer step", ylabel="learning rate",
+           title=f"peak {train.lr:g}, warmup {train.warmup_steps} steps, floor {train.min_lr_ratio:g} x peak, "
+                 f"wsd decays over the last {train.decay_fraction:.0%}")
+    ax.title.set_fontsize(8)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return save_figure(figure, out / "lr-schedule.png")
+
+
+def next_token_distributions(lm: LanguageModel, prompt: str, top: int = 12) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Probabilities of the `top` most likely next tokens after `prompt` under each filter setting,
+    computed with the sampler's own filters (generate.filter_top_k / filter_top_p)."""
+    ids = torch.tensor([lm.encode_prompt(prompt)], device=lm.device)
+    with torch.no_grad():
+        logits = lm.model(ids)[0][0, -1].float()[None]  # (1, V)
+    order = logits[0].argsort(descending=True)[:top]
+    settings = {
+        "temperature 0.5": logits / 0.5,
+        "temperature 1.0": logits,
+        "temperature 1.5": logits / 1.5,
+        "top-k 5": filter_top_k(logits, 5),
+        "top-p 0.9": filter_top_p(logits, 0.9),
+    }
+    probabilities = {name: values.softmax(-1)[0][order].cpu() for name, values in settings.items()}
+    return token_labels(lm.tokenizer, order.tolist()), probabilities
+
+
+def figure_sampling(lm: LanguageModel, out: Path) -> Path:
+    plt = _pyplot()
+    labels, probabilities = next_token_distributions(lm, SAMPLING_PROMPT)
+    figure, axes = plt.subplots(1, len(probabilities), figsize=(13, 3.0), sharey=True)
+    for ax, (name, probs) in zip(axes, probabilities.items()):
+        ax.bar(range(len(labels)), probs.numpy(), color="tab:blue")
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("probability of next token")
+    figure.suptitle(f"next token after {SAMPLING_PROMPT!r} (the 12 most likely tokens)", fontsize=9)
+    figure.tight_layout()
+    return save_figure(figure, out / "sampling.png", dpi=80)
+
+
+def figure_loss(run: Path, out: Path) -> Path | None:
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    path = out / "demo-loss.png"
+    plot_metrics(records, path)
+    return path
+
+
+def main(run: str | Path, out: str | Path) -> list[Path]:
+    """Draw every figure for `run` into `out`; returns the paths written."""
+    run, out = Path(run), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(run)
+    lm.model.eval()
+    paths = [figure_architecture(lm, out), *figure_attention(lm, out), figure_lr_schedule(lm.config.train, out),
+             figure_sampling(lm, out)]
+    loss = figure_loss(run, out)
+    if loss is not None:
+        paths.append(loss)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables (text for the pages)
+
+
+def table_tokenization(lm: LanguageModel, sentences: list[str]) -> str:
+    lines = []
+    for sentence in sentences:
+        ids = lm.tokenizer.encode(sentence)
+        pieces = " | ".join(token_labels(lm.tokenizer, ids))
+        lines.append(f"{len(sentence.encode())} bytes -> {len(ids)} tokens: {pieces}")
+    return "\n".join(lines)
+
+
+def table_presets() -> str:
+    parts = ("embeddings", "positions", "attention", "mlp", "norms", "head")
+    lines = ["| preset | " + " | ".join(parts) + " | total |", "|---" + "|---:" * (len(parts) + 1) + "|"]
+    for name in preset_names():
+        config = get_preset(name).model
+        counts = parameter_breakdown(config)
+        total = config.num_parameters()
+        cells = [f"{counts[p]:,} ({100 * counts[p] / total:.0f}%)" if counts[p] else "0" for p in parts]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {total:,} |")
+    return "\n".join(lines)
+
+
+def table_samples(lm: LanguageModel, max_new_tokens: int = 60) -> str:
+    blocks = []
+    for label, options in SAMPLING_SETTINGS:
+        text = lm.generate(SAMPLING_PROMPT, max_new_tokens=max_new_tokens, seed=0, **options)[0].text
+        blocks.append(f"--- {label} ---\n{SAMPLING_PROMPT}{text}")
+    return "\n\n".join(blocks)
+
+
+def table_profile(preset: str = "tiny", steps: int = 3, batch_size: int = 16, rows: int = 12) -> str:
+    """torch.profiler over `steps` AdamW training steps of `preset` on random tokens (one warm-up step first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tinystories.model import GPT
+
+    torch.manual_seed(0)
+    config = get_preset(preset).model
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = torch.randint(0, config.vocab_size, (batch_size, config.context_length + 1))
+
+    def step() -> None:
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocator and kernel selection
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step()
+    seconds = (time.perf_counter() - start) / steps
+    tokens = batch_size * config.context_length
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = [f"{steps} steps of `{preset}` (batch {batch_size} x {config.context_length}), eager, "
+             f"{torch.get_num_threads()} thread(s): {seconds:.2f} s/step under the profiler, "
+             f"{tokens / seconds:,.0f} tokens/s", "",
+             "| op | calls | self CPU ms / step | share |", "|---|---:|---:|---:|"]
+    for event in events[:rows]:
+        lines.append(f"| `{event.key}` | {event.count // steps} | {event.self_cpu_time_total / 1000 / steps:.1f} | "
+                     f"{100 * event.self_cpu_time_total / total:.1f}% |")
+    return "\n".join(lines)
+
+
+def tables(run: str | Path) -> str:
+    lm = load_model(run)
+    lm.model.eval()
+    sentences = ["Once upon a time, there was a little girl named Lily.",
+                 "She loved to play with her toys and eat yummy food.",
+                 "The dinosaur was enormous, but it was afraid of the tiny ladybug."]
+    return "\n\n".join([
+        "## Tokenization\n" + table_tokenization(lm, sentences),
+        "## Parameters per preset\n" + table_presets(),
+        "## Samples\n" + table_samples(lm),
+        "## Profile\n" + table_profile(),
+    ])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default="out/demo/run", help="a trained run directory (default out/demo/run)")
+    parser.add_argument("--out", default="docs/figures", help="folder for the PNGs (default docs/figures)")
+    parser.add_argument("--tables", action="store_true", help="print the markdown tables instead of drawing")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.tables:
+        print(tables(args.run))
+    else:
+        for path in main(args.run, args.out):
+            print(f"{path}  {path.stat().st_size / 1000:.0f} KB")
+    sys.exit(0)
