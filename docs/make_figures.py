@@ -1,7 +1,8 @@
 """Draw every figure of docs/ from a trained run, and print the measured tables the pages quote.
 
     .venv/bin/python docs/make_figures.py --run out/demo/run --out docs/figures     # `make docs-figures`
-    .venv/bin/python docs/make_figures.py --run out/demo/run --tables               # markdown tables to stdout
+    .venv/bin/python docs/make_figures.py --run out/demo/run --tables \\
+        --data ../shared/data/tinystories                                            # markdown tables to stdout
 
 Figures (PNG, dpi 100 or less, each well under 100 KB):
   architecture-tiny.png    the run's model as a block diagram            (tinystories.inspect.draw_architecture)
@@ -207,7 +208,36 @@ def table_profile(preset: str = "tiny", steps: int = 3, batch_size: int = 16, ro
     return "\n".join(lines)
 
 
-def tables(run: str | Path) -> str:
+def table_vocab_sizes(data: str | Path, train_stories: int = 5000, d_model: int = 128) -> str:
+    """Validation tokens per vocabulary: BPEs trained on the first `train_stories` training stories,
+    plus bytes and GPT-2 (when $TINYSTORIES_GPT2_DIR or ../shared/data/gpt2 has its files)."""
+    from itertools import islice
+
+    from tinystories.data import read_stories
+    from tinystories.errors import UserError
+    from tinystories.tokenizer import BytesTokenizer, gpt2_tokenizer, train_bpe
+
+    data = Path(data)
+    train = list(islice(read_stories(data / "train.txt.gz"), train_stories))
+    valid = list(read_stories(data / "valid.txt.gz"))
+    num_bytes = sum(len(story.encode()) for story in valid)
+    tokenizers = [("bytes", BytesTokenizer())] + [(f"bpe:{v}", train_bpe(train, v)) for v in (1024, 2048, 4096, 8192)]
+    try:
+        tokenizers.append(("gpt2", gpt2_tokenizer()))
+    except UserError:
+        pass
+    lines = [f"validation split: {len(valid):,} stories, {num_bytes:,} bytes; BPEs trained on the first "
+             f"{train_stories:,} training stories", "",
+             f"| tokenizer | vocabulary | validation tokens | bytes per token | embedding parameters at d_model {d_model} |",
+             "|---|---:|---:|---:|---:|"]
+    for name, tokenizer in tokenizers:
+        count = sum(len(ids) for ids in tokenizer.encode_batch(valid))
+        lines.append(f"| `{name}` | {tokenizer.vocab_size:,} | {count:,} | {num_bytes / count:.2f} | "
+                     f"{tokenizer.vocab_size * d_model:,} |")
+    return "\n".join(lines)
+
+
+def tables(run: str | Path, data: str | Path | None = None) -> str:
     lm = load_model(run)
     lm.model.eval()
     sentences = ["Once upon a time, there was a little girl named Lily.",
@@ -218,6 +248,7 @@ def tables(run: str | Path) -> str:
         "## Parameters per preset\n" + table_presets(),
         "## Samples\n" + table_samples(lm),
         "## Profile\n" + table_profile(),
+        *(["## Vocabulary sizes\n" + table_vocab_sizes(data)] if data else []),
     ])
 
 
@@ -226,13 +257,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run", default="out/demo/run", help="a trained run directory (default out/demo/run)")
     parser.add_argument("--out", default="docs/figures", help="folder for the PNGs (default docs/figures)")
     parser.add_argument("--tables", action="store_true", help="print the markdown tables instead of drawing")
+    parser.add_argument("--data", help="with --tables: a folder with train.txt.gz and valid.txt.gz, to measure "
+                                       "tokens per byte for several vocabulary sizes")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = parse_args()
     if args.tables:
-        print(tables(args.run))
+        print(tables(args.run, args.data))
     else:
         for path in main(args.run, args.out):
             print(f"{path}  {path.stat().st_size / 1000:.0f} KB")
