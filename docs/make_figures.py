@@ -29,7 +29,7 @@ import torch
 
 from tinystories.config import TrainConfig, get_preset, preset_names
 from tinystories.generate import LanguageModel, filter_top_k, filter_top_p, load_model
-from tinystories.inspect import (_pyplot, attention_weights, draw_architecture, parameter_breakdown,
+from tinystories.inspect import (attention_weights, new_figure, draw_architecture, parameter_breakdown,
                                  plot_attention, save_figure, token_labels)
 from tinystories.train import learning_rate, plot_metrics
 
@@ -64,8 +64,8 @@ def figure_attention(lm: LanguageModel, out: Path) -> list[Path]:
 
 def figure_lr_schedule(train: TrainConfig, out: Path) -> Path:
     """The learning rate of every step for the run's recipe, with the schedule set to cosine and wsd."""
-    plt = _pyplot()
-    figure, ax = plt.subplots(figsize=(6.4, 3.2))
+    figure = new_figure((6.4, 3.2))
+    ax = figure.subplots()
     steps = range(train.max_steps)
     for schedule in ("cosine", "wsd"):
         config = dataclasses.replace(train, schedule=schedule, max_minutes=None)
@@ -99,9 +99,9 @@ def next_token_distributions(lm: LanguageModel, prompt: str, top: int = 12) -> t
 
 
 def figure_sampling(lm: LanguageModel, out: Path) -> Path:
-    plt = _pyplot()
     labels, probabilities = next_token_distributions(lm, SAMPLING_PROMPT)
-    figure, axes = plt.subplots(1, len(probabilities), figsize=(13, 3.0), sharey=True)
+    figure = new_figure((13, 3.0))
+    axes = figure.subplots(1, len(probabilities), sharey=True)
     for ax, (name, probs) in zip(axes, probabilities.items()):
         ax.bar(range(len(labels)), probs.numpy(), color="tab:blue")
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)

@@ -136,13 +136,15 @@ def token_labels(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 # Figures
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib Figure drawn with the Agg canvas: files only, leaving pyplot's global state (and
+    a notebook's backend) alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # no display needed; figures go to files
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
@@ -161,8 +163,6 @@ def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    finally:
-        _pyplot().close(figure)
     return path
 
 
@@ -172,13 +172,13 @@ def plot_attention(weights: torch.Tensor, labels: Sequence[str], path: str | os.
     """Heat maps of attention weights (L, H, T, T): one panel per head of `layer`, or with layer=None
     a grid of layers (rows) x heads (columns). Rows are queries, columns the keys they attend to.
     tick_labels: label rows and columns with the tokens (default: when T <= 24)."""
-    plt = _pyplot()
     L, H, T, _ = weights.shape
     if layer is not None and not 0 <= layer < L:
         raise InspectError(f"--layer {layer}: the model has layers 0..{L - 1}")
     layers = list(range(L)) if layer is None else [layer]
     panel = 2.6 if T <= 24 else 3.2
-    figure, axes = plt.subplots(len(layers), H, figsize=(panel * H, panel * len(layers) + 0.6), squeeze=False)
+    figure = new_figure((panel * H, panel * len(layers) + 0.6))
+    axes = figure.subplots(len(layers), H, squeeze=False)
     show_labels = T <= 24 if tick_labels is None else tick_labels  # unreadable on long prompts
     for row, layer_index in enumerate(layers):
         for head in range(H):
@@ -199,7 +199,6 @@ def plot_attention(weights: torch.Tensor, labels: Sequence[str], path: str | os.
 def draw_architecture(config: ModelConfig, path: str | os.PathLike, title: str | None = None) -> Path:
     """A block diagram of the model described by `config`, bottom (tokens) to top (logits),
     with each box's shape and parameter count."""
-    plt = _pyplot()
     from matplotlib.patches import FancyBboxPatch
 
     parts = parameter_breakdown(config)
@@ -231,7 +230,8 @@ def draw_architecture(config: ModelConfig, path: str | os.PathLike, title: str |
         (f"logits (B, T, {config.vocab_size})", "#eeeeee", False),
     ]
     height = 0.62
-    figure, ax = plt.subplots(figsize=(6.4, 0.58 * len(boxes) + 1.0))
+    figure = new_figure((6.4, 0.58 * len(boxes) + 1.0))
+    ax = figure.subplots()
     ax.set_xlim(0, 10)
     ax.set_ylim(-0.6, len(boxes) * 0.9 + 0.2)
     ax.axis("off")
