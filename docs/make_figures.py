@@ -5,8 +5,8 @@
         --data ../shared/data/tinystories                                            # markdown tables to stdout
 
 Figures (PNG, dpi 100 or less, each well under 100 KB):
-  architecture-tiny.png    the run's model as a block diagram            (tinystories.inspect.draw_architecture)
-  attention-layer0.png     layer 0's heads on a story's first sentence   (tinystories.inspect.attention_weights)
+  architecture-tiny.png    the run's model as a block diagram            (tinystories.visualize.draw_architecture)
+  attention-layer0.png     layer 0's heads on a story's first sentence   (tinystories.visualize.attention_weights)
   attention-grid.png       every layer x head on the same sentence
   lr-schedule.png          cosine vs wsd for the run's TrainConfig        (tinystories.train.learning_rate)
   sampling.png             the next-token distribution under temperature, top-k, top-p (generate.filter_*)
@@ -29,7 +29,7 @@ import torch
 
 from tinystories.config import TrainConfig, get_preset, preset_names
 from tinystories.generate import LanguageModel, filter_top_k, filter_top_p, load_model
-from tinystories.inspect import (attention_weights, new_figure, draw_architecture, parameter_breakdown,
+from tinystories.visualize import (attention_weights, new_figure, draw_architecture, parameter_breakdown,
                                  plot_attention, save_figure, token_labels)
 from tinystories.train import learning_rate, plot_metrics
 

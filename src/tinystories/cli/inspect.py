@@ -59,14 +59,14 @@ def _model_config(args: argparse.Namespace):
 
 
 def run_diagram(args: argparse.Namespace) -> int:
-    from tinystories.inspect import draw_architecture
+    from tinystories.visualize import draw_architecture
 
     print(draw_architecture(_model_config(args), args.out))
     return 0
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from tinystories.inspect import attention_figure
+    from tinystories.visualize import attention_figure
 
     print(attention_figure(args.run, args.prompt, args.out, layer=args.layer, checkpoint=args.checkpoint,
                            max_tokens=args.max_tokens))
@@ -74,7 +74,7 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def run_params(args: argparse.Namespace) -> int:
-    from tinystories.inspect import parameter_breakdown
+    from tinystories.visualize import parameter_breakdown
 
     config = _model_config(args)
     parts = parameter_breakdown(config)

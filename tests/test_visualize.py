@@ -1,4 +1,4 @@
-"""tinystories.inspect: parameter breakdown, attention weights, figures, and the diagram / inspect commands."""
+"""tinystories.visualize: parameter breakdown, attention weights, figures, and the diagram / inspect commands."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tinystories import cli
 from tinystories.checkpoint import save_checkpoint
 from tinystories.config import ModelConfig, RunConfig, TrainConfig, get_preset, preset_names
-from tinystories.inspect import (
+from tinystories.visualize import (
     InspectError,
     attention_weights,
     module_breakdown,
