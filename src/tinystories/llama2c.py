@@ -402,7 +402,7 @@ def byte_level_tokenizer_from_pieces(pieces: Sequence[bytes], scores: Sequence[f
     """
     from tokenizers import AddedToken, models
 
-    from tinystories.tokenizer import EOT, BPETokenizer, _byte_level_tokenizer, bytes_to_unicode
+    from tinystories.tokenizer import EOT, BPETokenizer, byte_level_tokenizer, bytes_to_unicode
 
     if pieces[1] != EOT.encode("utf-8"):
         raise Llama2cError(f"{source}: a byte-level vocabulary (byte b at id 3 + b) but token 1 is "
@@ -440,7 +440,7 @@ def byte_level_tokenizer_from_pieces(pieces: Sequence[bytes], scores: Sequence[f
         known.add(piece)
     merges = [("".join(symbol[b] for b in left), "".join(symbol[b] for b in right))
               for (left, right), _ in sorted(merge_ranks.items(), key=lambda item: item[1])]
-    hf_tokenizer = _byte_level_tokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf_tokenizer = byte_level_tokenizer(models.BPE(vocab=vocab, merges=merges))
     hf_tokenizer.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
     return BPETokenizer(hf_tokenizer, "bpe", f"bpe:{used}")
 

@@ -242,7 +242,7 @@ class BPETokenizer(Tokenizer):
 # --- building and checking the Hugging Face tokenizer ------------------------------------------
 
 
-def _byte_level_tokenizer(model: Any) -> Any:
+def byte_level_tokenizer(model: Any) -> Any:
     """A `tokenizers.Tokenizer` around a BPE model with GPT-2's byte-level pre/post-processing.
 
     No normalizer: the text is tokenized as-is, which is what makes the round trip exact.
@@ -265,7 +265,7 @@ def train_bpe(stories: Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB) -> BP
     from tokenizers import models, pre_tokenizers, trainers
 
     _check_bpe_vocab_size(vocab_size)
-    tokenizer = _byte_level_tokenizer(models.BPE())
+    tokenizer = byte_level_tokenizer(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOT],
@@ -354,7 +354,7 @@ def gpt2_tokenizer(gpt2_dir: str | os.PathLike | None = None) -> BPETokenizer:
     except (OSError, ValueError) as error:
         raise TokenizerError(f"cannot read GPT-2 BPE files in {folder}: {error}") from error
     merges = [tuple(line.split(" ")) for line in merge_lines if line and not line.startswith("#version")]
-    tokenizer = _byte_level_tokenizer(models.BPE(vocab=encoder, merges=merges))
+    tokenizer = byte_level_tokenizer(models.BPE(vocab=encoder, merges=merges))
     tokenizer.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
     return BPETokenizer(tokenizer, "gpt2", "gpt2")
 
