@@ -33,6 +33,8 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "base": ("bpe:4096", []),
     "eager": ("bpe:4096", ["compile=false"]),
     "muon": ("bpe:4096", ["optimizer=muon"]),
+    "muon-lr6e-3": ("bpe:4096", ["optimizer=muon", "lr=6e-3"]),
+    "muon-muonlr0.04": ("bpe:4096", ["optimizer=muon", "muon_lr=0.04"]),
     "lr6e-3": ("bpe:4096", ["lr=6e-3"]),
     "batch32": ("bpe:4096", ["batch_size=32"]),
     "wsd": ("bpe:4096", ["schedule=wsd"]),
