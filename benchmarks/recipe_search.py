@@ -122,7 +122,8 @@ def main() -> None:
     print(table)
     append_results(f"Recipe search for tiny, {args.minutes:g} minutes each (benchmarks/recipe_search.py)",
                    table + "\n\nval bpb on the whole validation split; best first. 'load before' is the 1-minute "
-                   "load average when the run started (2 cores): above ~0.5, something else shared the CPU.")
+                   "load average when the run started; it includes the previous candidate's own load, so read "
+                   "contention from tokens/s.")
 
 
 if __name__ == "__main__":
