@@ -14,10 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file shares its name with the standard library's `tokenize`; take its folder off the import
-# path so that `import tokenize` (linecache, inspect, ...) still finds the real module.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent / "src"))  # run from a checkout without `pip install -e .`
 
 import argparse  # noqa: E402
@@ -30,6 +27,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Callable  # noqa: E402
 
+from common import cpu_model  # noqa: E402
 from tinystories.data import prepare, read_stories  # noqa: E402
 from tinystories.tokenizer import BPETokenizer, available_cpus, make_tokenizer  # noqa: E402
 
@@ -40,16 +38,6 @@ RESULTS_HEADER = (
 )
 PREPARE_TARGET_MB_S = 8.0
 TRAIN_TARGET_S = 15.0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(function: Callable[[], object], repeats: int) -> list[float]:
