@@ -32,8 +32,14 @@ demo: install
 test: install-dev
 	$(BIN)/python -m pytest
 
+# The speed benchmarks, one after another (never side by side: they would share the cores).
+# benchmarks/quality.py and benchmarks/recipe_search.py take 15+ minutes each: run them by hand.
 bench: install-dev
-	$(BIN)/python benchmarks/run_all.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/tokenize_throughput.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/train_throughput.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/generate_throughput.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/peers.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) out build dist src/*.egg-info
