@@ -384,8 +384,8 @@ def _data_tokenizer_spec(directory: Path, default: str) -> str:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, tokens: np.ndarray, starts: np.ndarray, context_length: int, batch_size: int,
-                  device: torch.device, dtype: torch.dtype | None) -> float:
+def fixed_windows_loss(model: nn.Module, tokens: np.ndarray, starts: np.ndarray, context_length: int, batch_size: int,
+                       device: torch.device, dtype: torch.dtype | None) -> float:
     """Mean next-token loss (nats) over the windows at `starts` (the same windows every evaluation)."""
     was_training = model.training
     model.eval()
@@ -856,7 +856,7 @@ def _train(run_config: RunConfig, out_dir: Path, resuming: bool, init_from: str 
         nonlocal best_val_loss, best_step, evals_since_best, evaluated_at
         read_pending()
         evaluated_at = step
-        val_loss = (evaluate_loss(runnable, shards.val, eval_starts, T, config.batch_size, device, dtype)
+        val_loss = (fixed_windows_loss(runnable, shards.val, eval_starts, T, config.batch_size, device, dtype)
                     if ddp.is_main else 0.0)
         val_loss = ddp.broadcast([val_loss])[0]  # every rank keeps the same best / patience bookkeeping
         val_bpb = val_loss / shards.val_bytes_per_token / math.log(2)
