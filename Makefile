@@ -45,5 +45,5 @@ clean:
 	rm -rf $(VENV) out build dist src/*.egg-info
 
 .PHONY: docs-figures
-docs-figures: install  ## redraw docs/figures from the demo run (make demo first)
-	$(BIN)/python docs/make_figures.py --run $(DEMO_OUT)/run --out docs/figures
+docs-figures: install  ## redraw docs/figures from the shipped tiny model (no training needed)
+	$(BIN)/python docs/make_figures.py --run tiny --out docs/figures

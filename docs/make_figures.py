@@ -1,8 +1,11 @@
 """Draw every figure of docs/ from a trained run, and print the measured tables the pages quote.
 
-    .venv/bin/python docs/make_figures.py --run out/demo/run --out docs/figures     # `make docs-figures`
-    .venv/bin/python docs/make_figures.py --run out/demo/run --tables \\
-        --data ../shared/data/tinystories                                            # markdown tables to stdout
+    .venv/bin/python docs/make_figures.py --run tiny --out docs/figures     # `make docs-figures`
+    .venv/bin/python docs/make_figures.py --run tiny --tables \\
+        --data ../shared/data/tinystories                                   # markdown tables to stdout
+
+`--run` is a run directory or a shipped model name; the default, `tiny`, is the model shipped with the
+package (its metrics.jsonl is shipped too), so the figures can be redrawn without training anything.
 
 Figures (PNG, dpi 100 or less, each well under 100 KB):
   architecture-tiny.png    the run's model as a block diagram            (tinystories.visualize.draw_architecture)
@@ -10,7 +13,7 @@ Figures (PNG, dpi 100 or less, each well under 100 KB):
   attention-grid.png       every layer x head on the same sentence
   lr-schedule.png          cosine vs wsd for the run's TrainConfig        (tinystories.train.learning_rate)
   sampling.png             the next-token distribution under temperature, top-k, top-p (generate.filter_*)
-  demo-loss.png            train/val loss and gradient norm from the run's metrics.jsonl (train.plot_metrics)
+  training-loss.png        train/val loss and gradient norm from the run's metrics.jsonl (train.plot_metrics)
 
 The tables (--tables) are text: how the run's tokenizer splits sentences, the parameter breakdown of
 every preset, sample stories per sampling setting, and a torch.profiler profile of a few training steps.
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from tinystories.checkpoint import shipped_model_path
 from tinystories.config import TrainConfig, get_preset, preset_names
 from tinystories.generate import LanguageModel, filter_top_k, filter_top_p, load_model
 from tinystories.visualize import (attention_weights, new_figure, draw_architecture, parameter_breakdown,
@@ -118,14 +122,14 @@ def figure_loss(run: Path, out: Path) -> Path | None:
     if not metrics.is_file():
         return None
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    path = out / "demo-loss.png"
+    path = out / "training-loss.png"
     plot_metrics(records, path)
     return path
 
 
 def main(run: str | Path, out: str | Path) -> list[Path]:
     """Draw every figure for `run` into `out`; returns the paths written."""
-    run, out = Path(run), Path(out)
+    run, out = shipped_model_path(run) or Path(run), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(run)
     lm.model.eval()
@@ -254,7 +258,8 @@ def tables(run: str | Path, data: str | Path | None = None) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", default="out/demo/run", help="a trained run directory (default out/demo/run)")
+    parser.add_argument("--run", default="tiny",
+                        help="a trained run directory or a shipped model name (default: the shipped tiny)")
     parser.add_argument("--out", default="docs/figures", help="folder for the PNGs (default docs/figures)")
     parser.add_argument("--tables", action="store_true", help="print the markdown tables instead of drawing")
     parser.add_argument("--data", help="with --tables: a folder with train.txt.gz and valid.txt.gz, to measure "

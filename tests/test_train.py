@@ -244,9 +244,9 @@ def test_resume_extends_a_finished_run_through_the_cli(prepared_small, tmp_path)
 def test_init_from_starts_with_another_runs_weights(prepared_small, tmp_path):
     source = tmp_path / "source"
     train(tiny_run(prepared_small, "max_steps=5"), source, progress=False)
-    # one step with a vanishing learning rate (and no decay) leaves the weights where they started
+    # one step with vanishing learning rates (AdamW and Muon; no decay) leaves the weights where they started
     tuned = tmp_path / "tuned"
-    run = tiny_run(prepared_small, "max_steps=1", "lr=1e-12", "weight_decay=0", "warmup_steps=0", "seed=99")
+    run = tiny_run(prepared_small, "max_steps=1", "lr=1e-12", "muon_lr=1e-12", "weight_decay=0", "warmup_steps=0", "seed=99")
     train(run, tuned, init_from=source, progress=False)
     start, after = load_weights(source / "checkpoints" / "best"), load_weights(tuned / "checkpoints" / "last")
     for name, tensor in start.items():

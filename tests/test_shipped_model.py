@@ -1,0 +1,109 @@
+"""The `tiny` model shipped as package data: it loads by name, generates, evaluates, serves and exports.
+
+How it was trained and measured: benchmarks/shipped_model.py and the README's "Results" section.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinystories import cli
+from tinystories.checkpoint import WEIGHTS_FILE, load_run, shipped_model_path
+from tinystories.config import get_preset
+from tinystories.evaluate import evaluate_text
+from tinystories.generate import load_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+def test_shipped_tiny_is_package_data_in_the_tiny_presets_shape():
+    path = shipped_model_path("tiny")
+    assert path is not None and path.parent.parent.name == "assets"
+    files = {p.name: p.stat().st_size for p in path.iterdir()}
+    assert {"config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_meta.json", "metrics.jsonl"} <= set(files)
+    assert sum(files.values()) <= 10 * 2**20  # the issue's limit for package data
+    model, tokenizer, run_config = load_run("tiny")
+    assert run_config.model == get_preset("tiny").model
+    assert tokenizer.vocab_size == run_config.model.vocab_size == 4096
+    assert sum(p.numel() for p in model.parameters()) == run_config.model.num_parameters()
+
+
+def test_shipped_tiny_generates_a_story_greedily_with_and_without_the_cache(tiny):
+    (cached,) = tiny.generate(PROMPT, max_new_tokens=40, temperature=0)
+    (uncached,) = tiny.generate(PROMPT, max_new_tokens=40, temperature=0, use_cache=False)
+    assert cached.token_ids == uncached.token_ids and len(cached.token_ids) > 10
+    words = cached.text.split()
+    assert len(words) >= 8 and sum(w.strip(",.!?\"'").isalpha() for w in words) >= 0.8 * len(words)
+
+
+def test_shipped_tiny_is_trained(tiny, valid_stories):
+    """A random 4096-token model scores about 3 bits per byte; the shipped one must be far below 1."""
+    result = evaluate_text(tiny, valid_stories[:200])
+    assert result["bits_per_byte"] < 0.9
+
+
+def test_cli_generate_and_eval_with_the_shipped_model(tiny, tmp_path, capsys, valid_stories):
+    code = cli.main(["generate", "--model", "tiny", "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "30"])
+    out = capsys.readouterr().out
+    (expected,) = tiny.generate(PROMPT, max_new_tokens=30, temperature=0)
+    assert code == 0 and PROMPT + expected.text in out
+
+    stories = tmp_path / "stories.txt"
+    stories.write_text("".join(f"{s}\n<|endoftext|>\n" for s in valid_stories[:20]), encoding="utf-8")
+    report_path = tmp_path / "report.json"
+    code = cli.main(["eval", "tiny", "--input", str(stories), "--json", str(report_path), "--samples", "0"])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["bits_per_byte"] == pytest.approx(evaluate_text(tiny, valid_stories[:20])["bits_per_byte"], rel=1e-6)
+
+
+def test_serve_defaults_to_the_shipped_model(tiny):
+    pytest.importorskip("starlette", reason="needs the serve extra")
+    from starlette.testclient import TestClient
+
+    from tinystories.cli.serve import served_name
+    from tinystories.serve import create_app
+
+    name = served_name(None, None)
+    with TestClient(create_app(tiny, name)) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
+        reply = client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 12,
+                                                     "temperature": 0}).json()
+    (expected,) = tiny.generate(PROMPT, max_new_tokens=12, temperature=0)
+    assert reply["choices"][0]["text"] == expected.text
+
+
+def test_export_the_shipped_model_to_hugging_face(tiny, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="needs the export extra")
+    assert cli.main(["export", "tiny", "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([tiny.encode_prompt(PROMPT)])
+    with torch.no_grad():
+        ours, _ = tiny.model(ids)
+        theirs = hf_model(ids).logits
+    torch.testing.assert_close(theirs, ours.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_wheel_carries_the_shipped_model(tmp_path):
+    """`pip install` must bring the model: build the wheel and look inside."""
+    pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(REPO_ROOT)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("tinystories-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for file in ("config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_meta.json"):
+        assert f"tinystories/assets/models/tiny/{file}" in names
