@@ -11,13 +11,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tinystories.errors import UserError
+from tinystories.files import write_json_atomic
 
 
 class ConfigError(UserError):
@@ -378,21 +378,6 @@ class RunConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
         return cls.from_dict(values)
-
-
-def write_json_atomic(path: str | os.PathLike, values: Any) -> None:
-    """Write JSON to a temp file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(values, file, indent=2)
-            file.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def apply_overrides(run: RunConfig, assignments: list[str]) -> RunConfig:

@@ -60,6 +60,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from tinystories.errors import UserError
+from tinystories.files import write_json_atomic
 from tinystories.tokenizer import EOT, Tokenizer, available_cpus, make_tokenizer, parse_spec
 
 FORMAT = "tinystories-shards-v1"
@@ -752,9 +753,7 @@ def _publish(out_dir: Path, tokenizer: Tokenizer, temporaries: Sequence[Path], m
     tokenizer.save(out_dir)
     for temporary, name in zip(temporaries, SPLIT_FILES.values()):
         os.replace(temporary, out_dir / name)
-    meta_temporary = out_dir / f".{META_FILE}.tmp-{os.getpid()}"
-    meta_temporary.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(meta_temporary, out_dir / META_FILE)
+    write_json_atomic(out_dir / META_FILE, meta)
 
 
 def _summary(out_dir: Path, meta: dict[str, Any]) -> str:

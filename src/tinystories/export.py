@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 
 from tinystories.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, build_model, load_run_config, load_weights,
                                     resolve_checkpoint, save_checkpoint)
-from tinystories.config import RunConfig, TrainConfig, write_json_atomic
+from tinystories.config import RunConfig, TrainConfig
+from tinystories.files import write_json_atomic
 from tinystories.errors import UserError
 from tinystories.llama2c import (TOKENIZER_BIN, Llama2cTokenizer, byte_level_pieces, byte_level_tokenizer_from_pieces,
                                  byte_level_vocab_order, is_byte_level_vocab, read_llama2c_bin, read_tokenizer_bin,

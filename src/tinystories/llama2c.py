@@ -36,6 +36,7 @@ import torch
 
 from tinystories.config import ModelConfig
 from tinystories.errors import UserError
+from tinystories.files import atomic_path
 
 HEADER = struct.Struct("<7i")
 LLAMA2C_MAGIC = 0x616B3432  # "ak42": llama2.c's newer (version >= 1) export formats start with it
@@ -557,12 +558,8 @@ class Llama2cTokenizer:
         for name, write in ((TOKENIZER_BIN, lambda p: write_tokenizer_bin(p, self.pieces, self.scores)),
                             ("tokenizer.json", lambda p: Path(p).write_text(self._hf.to_str(), encoding="utf-8")),
                             ("tokenizer_meta.json", lambda p: Path(p).write_text(json.dumps(self.meta(), indent=2) + "\n"))):
-            temporary = directory / f".{name}.tmp-{os.getpid()}"
-            try:
+            with atomic_path(directory / name) as temporary:
                 write(temporary)
-                os.replace(temporary, directory / name)
-            finally:
-                temporary.unlink(missing_ok=True)
 
     @classmethod
     def from_bin(cls, path: str | os.PathLike, vocab_size: int | None = None) -> "Llama2cTokenizer":

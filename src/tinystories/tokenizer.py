@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from tinystories.errors import UserError
+from tinystories.files import write_json_atomic, write_text_atomic
 
 EOT = "<|endoftext|>"
 DEFAULT_BPE_VOCAB = 4096
@@ -125,7 +126,7 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._save_files(directory)
-        _write_text_atomic(directory / META_FILE, json.dumps(self.meta(), indent=2) + "\n")
+        write_json_atomic(directory / META_FILE, self.meta())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size}, eot_id={self.eot_id})"
@@ -236,7 +237,7 @@ class BPETokenizer(Tokenizer):
         return self._hf.decode(ids, skip_special_tokens=False)
 
     def _save_files(self, directory: Path) -> None:
-        _write_text_atomic(directory / TOKENIZER_FILE, self._hf.to_str(pretty=False))
+        write_text_atomic(directory / TOKENIZER_FILE, self._hf.to_str(pretty=False))
 
 
 # --- building and checking the Hugging Face tokenizer ------------------------------------------
@@ -522,13 +523,3 @@ def load_tokenizer(directory: str | os.PathLike, *, tokenizer_file: str | os.Pat
     if meta and (tokenizer.vocab_size, tokenizer.eot_id) != (meta.get("vocab_size"), meta.get("eot_id")):
         raise TokenizerError(f"{json_path} does not match {meta_path} (vocab_size or eot_id differ)")
     return tokenizer
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -30,7 +30,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -55,6 +54,7 @@ from tinystories.checkpoint import (
 )
 from tinystories.config import ModelConfig, RunConfig, TrainConfig
 from tinystories.errors import UserError
+from tinystories.files import atomic_path
 
 STATE_VERSION = 1
 
@@ -480,14 +480,8 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> None:
     norm_axes.set(xlabel="step", ylabel="grad norm (before clipping)", title="gradient norm")
     norm_axes.grid(alpha=0.3)
     figure.tight_layout()
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            figure.savefig(file, format="png", dpi=100)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
 
 
 class Trackers:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +22,7 @@ import torch
 
 from tinystories.config import ModelConfig
 from tinystories.errors import UserError
+from tinystories.files import atomic_path
 from tinystories.model import GPT, apply_rotary
 
 
@@ -153,16 +153,8 @@ def save_figure(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in ("png", "svg", "pdf"):
         raise InspectError(f"--out {path}: expected a .png, .svg or .pdf file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{suffix}")
-    os.close(handle)
-    try:
-        figure.savefig(temp, dpi=dpi, format=suffix)
-        os.chmod(temp, 0o644)  # mkstemp creates 0600; a figure is meant to be read by others
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=dpi, format=suffix)
     return path
 
 

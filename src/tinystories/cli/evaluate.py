@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tinystories import evaluate
-    from tinystories.config import write_json_atomic
+    from tinystories.files import write_json_atomic
     from tinystories.errors import UserError
     from tinystories.generate import SamplingConfig, load_model
 
