@@ -14,6 +14,7 @@ from tinystories import cli
 from tinystories.config import ModelConfig
 from tinystories.evaluate import (
     count_text_bytes,
+    evaluate_generation,
     evaluate_loss,
     evaluate_shards,
     evaluate_text,
@@ -148,7 +149,25 @@ def test_cli_eval_on_shards(prepared_small, tmp_path, capsys):
     assert code == 2 and len(errors) == 1 and "tokenizer" in errors[0]
 
 
+def test_cli_eval_samples_with_top_k_and_top_p(tmp_path, capsys):
+    """The sampled stories' metrics are those of evaluate_generation with the same sampling options."""
+    stories_file = tmp_path / "stories.txt"
+    stories_file.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES), encoding="utf-8")
+    run_dir = make_run(tmp_path / "run", random_model())
+    code = cli.main(["eval", str(run_dir), "--input", str(stories_file), "--samples", "4", "--max-new-tokens", "12",
+                     "--temperature", "0.9", "--top-k", "50", "--top-p", "0.6", "--seed", "3",
+                     "--json", str(tmp_path / "r.json")])
+    assert code == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    lm = LanguageModel(random_model(), BytesTokenizer())
+    expected = evaluate_generation(lm, 4, seed=3, max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.6)
+    for key in ("distinct_1", "distinct_2", "mean_tokens", "ended_fraction"):
+        assert results[key] == pytest.approx(expected[key])
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--top-p", "1.5", "--data", "."], "top_p"),
     (["--samples", "-1"], "--samples"),
     (["--max-tokens", "0", "--data", "."], "--max-tokens"),
     ([], "--data"),  # the run's config names no data directory

@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="token limit of each sampled story")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="top-k for sampled stories (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="top-p (nucleus) for sampled stories (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the sampled stories (default 0)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quantize", choices=["int8"], help="evaluate the dynamic-int8 model (CPU)")
@@ -34,8 +35,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tinystories import evaluate
-    from tinystories.files import write_json_atomic
     from tinystories.errors import UserError
+    from tinystories.files import write_json_atomic
     from tinystories.generate import SamplingConfig, load_model
 
     if args.samples < 0:
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.input:
         raise UserError("--max-tokens applies to --data shards; with --input, pass a smaller file")
     sampling = vars(SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_k=args.top_k))  # checks the options before the model loads
+                                   top_k=args.top_k, top_p=args.top_p))  # checks the options before the model loads
     sampling.pop("seed")
     lm = load_model(args.run, checkpoint=args.checkpoint, device=args.device, quantize=args.quantize)
 
