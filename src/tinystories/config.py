@@ -90,21 +90,31 @@ class ModelConfig:
         # SwiGLU has three matrices instead of two: 2/3 of 4*d keeps the parameter count of a GELU MLP.
         return 32 * math.ceil(8 * self.d_model / 3 / 32)
 
-    def num_parameters(self) -> int:
-        """Closed-form parameter count (the model's own count must agree)."""
-        d, v, hd = self.d_model, self.vocab_size, self.head_dim
+    def parameter_counts(self) -> dict[str, int]:
+        """Closed-form parameters per part of the model (the model's own count must agree).
+
+        Keys: embeddings (token table), positions (learned table; 0 with RoPE), attention (qkv + output
+        projection of all layers), mlp (all layers), norms (every norm's weights and biases), head
+        (the output projection; 0 when tied to the token embeddings).
+        """
+        d, hd = self.d_model, self.head_dim
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         qkv_out = (self.n_head + 2 * self.kv_heads) * hd
         attention = d * qkv_out + self.n_head * hd * d + (qkv_out + d if self.bias else 0)
         mlp_in = self.ffn_dim * (2 if self.mlp == "swiglu" else 1)
         mlp = d * mlp_in + self.ffn_dim * d + (mlp_in + d if self.bias else 0)
-        per_layer = 2 * norm + attention + mlp
-        total = v * d + self.n_layer * per_layer + norm
-        if self.position == "learned":
-            total += self.context_length * d
-        if not self.tie_embeddings:
-            total += v * d
-        return total
+        return {
+            "embeddings": self.vocab_size * d,
+            "positions": self.context_length * d if self.position == "learned" else 0,
+            "attention": self.n_layer * attention,
+            "mlp": self.n_layer * mlp,
+            "norms": (2 * self.n_layer + 1) * norm,
+            "head": 0 if self.tie_embeddings else self.vocab_size * d,
+        }
+
+    def num_parameters(self) -> int:
+        """Closed-form parameter count: the sum of `parameter_counts`."""
+        return sum(self.parameter_counts().values())
 
     def flops_per_token(self, sequence_length: int | None = None) -> float:
         """Training FLOPs (forward + backward) per token, for MFU.

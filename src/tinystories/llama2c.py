@@ -36,7 +36,7 @@ import torch
 
 from tinystories.config import ModelConfig
 from tinystories.errors import UserError
-from tinystories.files import atomic_path
+from tinystories.files import atomic_path, write_json_atomic, write_text_atomic
 
 HEADER = struct.Struct("<7i")
 LLAMA2C_MAGIC = 0x616B3432  # "ak42": llama2.c's newer (version >= 1) export formats start with it
@@ -555,11 +555,10 @@ class Llama2cTokenizer:
         """Write tokenizer.bin (the source of truth), tokenizer.json (for HF) and tokenizer_meta.json."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        for name, write in ((TOKENIZER_BIN, lambda p: write_tokenizer_bin(p, self.pieces, self.scores)),
-                            ("tokenizer.json", lambda p: Path(p).write_text(self._hf.to_str(), encoding="utf-8")),
-                            ("tokenizer_meta.json", lambda p: Path(p).write_text(json.dumps(self.meta(), indent=2) + "\n"))):
-            with atomic_path(directory / name) as temporary:
-                write(temporary)
+        with atomic_path(directory / TOKENIZER_BIN) as temporary:
+            write_tokenizer_bin(temporary, self.pieces, self.scores)
+        write_text_atomic(directory / "tokenizer.json", self._hf.to_str())
+        write_json_atomic(directory / "tokenizer_meta.json", self.meta())
 
     @classmethod
     def from_bin(cls, path: str | os.PathLike, vocab_size: int | None = None) -> "Llama2cTokenizer":

@@ -35,26 +35,8 @@ class InspectError(UserError):
 
 
 def parameter_breakdown(config: ModelConfig) -> dict[str, int]:
-    """Parameters per part of the model; the values sum to `config.num_parameters()`.
-
-    Keys: embeddings (token table), positions (learned table; 0 with RoPE), attention (qkv + output
-    projection of all layers), mlp (all layers), norms (every norm's weights and biases), head
-    (the output projection; 0 when tied to the token embeddings).
-    """
-    d, hd = config.d_model, config.head_dim
-    norm = d * (2 if config.norm == "layernorm" and config.bias else 1)
-    qkv_out = (config.n_head + 2 * config.kv_heads) * hd
-    attention = d * qkv_out + config.n_head * hd * d + (qkv_out + d if config.bias else 0)
-    mlp_in = config.ffn_dim * (2 if config.mlp == "swiglu" else 1)
-    mlp = d * mlp_in + config.ffn_dim * d + (mlp_in + d if config.bias else 0)
-    return {
-        "embeddings": config.vocab_size * d,
-        "positions": config.context_length * d if config.position == "learned" else 0,
-        "attention": config.n_layer * attention,
-        "mlp": config.n_layer * mlp,
-        "norms": (2 * config.n_layer + 1) * norm,
-        "head": 0 if config.tie_embeddings else config.vocab_size * d,
-    }
+    """Parameters per part of the model (`ModelConfig.parameter_counts`, the closed form)."""
+    return config.parameter_counts()
 
 
 def module_breakdown(model: GPT) -> dict[str, int]:
