@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinystories.errors import UserError
+from tinystories.model import eval_mode
 from tinystories.tokenizer import EOT
 
 WORD = re.compile(r"[\w']+")
@@ -66,21 +67,17 @@ def evaluate_loss(model: nn.Module, tokens: Any, bytes: int, context_length: int
         raise EvaluationError(f"the evaluated text must have a positive byte count, got {bytes}")
     C = context_length or model.config.context_length
     device = torch.device(device) if device is not None else model.tok_emb.weight.device
-    was_training = model.training
-    model.eval()
     predicted = stream.numel() - 1
     full_windows = predicted // C
     inputs = stream[:full_windows * C].view(full_windows, C)  # (N, C)
     targets = stream[1:full_windows * C + 1].view(full_windows, C)  # (N, C)
     total_nats = 0.0
-    try:
+    with eval_mode(model):
         for start in range(0, full_windows, batch_size):
             total_nats += _window_nats(model, inputs[start:start + batch_size], targets[start:start + batch_size], device)
         if predicted % C:  # the last, shorter window
             tail = stream[full_windows * C:]
             total_nats += _window_nats(model, tail[:-1][None], tail[1:][None], device)
-    finally:
-        model.train(was_training)
     loss = total_nats / predicted
     return {
         "val_loss": loss,

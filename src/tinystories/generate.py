@@ -41,7 +41,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from tinystories.devices import parse_device
 from tinystories.errors import UserError
+from tinystories.model import eval_mode
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -325,9 +327,7 @@ def decode_tokens(model: nn.Module, rows: Sequence[Sequence[int]], config: Sampl
                 if content:
                     present[b, torch.as_tensor(content, device=device)] = True
             batch_index = torch.arange(len(rows), device=device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for step in range(config.max_new_tokens):
             with torch.inference_mode():
                 next_tokens = sample_next(decoder.next_logits(), config, generator, present)  # (B,)
@@ -336,8 +336,6 @@ def decode_tokens(model: nn.Module, rows: Sequence[Sequence[int]], config: Sampl
             yield next_tokens.tolist()
             if step + 1 < config.max_new_tokens:
                 decoder.append(next_tokens)
-    finally:
-        model.train(was_training)
 
 
 # --- text assembly -------------------------------------------------------------------------------
@@ -546,18 +544,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
-def _parse_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"--device {device!r}: expected cpu, cuda, cuda:N, mps or auto") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    return parsed
-
-
 def load_model(name_or_path: str | os.PathLike = "tiny", checkpoint: str = "best", device: str = "cpu",
                quantize: str | None = None) -> LanguageModel:
     """Load a run directory, a checkpoint directory or a shipped model name for generation.
@@ -568,7 +554,7 @@ def load_model(name_or_path: str | os.PathLike = "tiny", checkpoint: str = "best
 
     if quantize not in (None, "int8"):
         raise UserError(f"--quantize {quantize!r}: the only supported value is int8")
-    torch_device = _parse_device(device)
+    torch_device = parse_device(device)
     if quantize == "int8" and torch_device.type != "cpu":
         raise UserError(f"--quantize int8 runs on the CPU only, not on --device {device}")
     name = str(name_or_path)

@@ -10,6 +10,7 @@ H query heads, K key/value heads, D head dim, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,6 +18,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinystories.config import ModelConfig
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block with `model` in eval mode (no dropout), then give it back the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class KVCache:

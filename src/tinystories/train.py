@@ -53,6 +53,7 @@ from tinystories.checkpoint import (
     save_checkpoint,
 )
 from tinystories.config import ModelConfig, RunConfig, TrainConfig
+from tinystories.devices import parse_device
 from tinystories.errors import UserError
 from tinystories.files import atomic_path
 
@@ -72,21 +73,6 @@ class TrainingError(UserError):
 
 # --------------------------------------------------------------------------------------------------
 # Devices and precision
-
-
-def select_device(requested: str = "auto") -> torch.device:
-    """'auto' picks cuda > mps > cpu; an explicit device must be available."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"--device {requested}: CUDA is not available in this torch build/machine")
-    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise TrainingError("--device mps: MPS is not available on this machine")
-    return torch.device(requested)
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -682,7 +668,7 @@ def train(run_config: RunConfig, out_dir: str | os.PathLike, resume: bool = True
     if int(shards.meta["vocab_size"]) > run_config.model.vocab_size:
         raise TrainingError(f"{shards.directory}: the data's tokenizer has {shards.meta['vocab_size']} tokens but the "
                             f"model only {run_config.model.vocab_size} (set model.vocab_size to fit)")
-    ddp = distributed.setup(select_device(config.device))
+    ddp = distributed.setup(parse_device(config.device))
     try:
         ddp.barrier()  # every rank has read the run directory before rank 0 writes to it
         summary = _train(run_config, out_dir, resuming, init_from, progress, shards, ddp)

@@ -23,7 +23,7 @@ import torch
 from tinystories.config import ModelConfig
 from tinystories.errors import UserError
 from tinystories.files import atomic_path
-from tinystories.model import GPT, apply_rotary
+from tinystories.model import GPT, apply_rotary, eval_mode
 
 
 class InspectError(UserError):
@@ -92,14 +92,12 @@ def attention_weights(model: GPT, ids: torch.Tensor) -> torch.Tensor:
         captured.append(scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)[0])  # (H, T, T)
 
     handles = [block.attn.register_forward_hook(hook) for block in model.blocks]
-    was_training = model.training
     try:
-        model.eval()
-        model(ids[None, :].to(model.tok_emb.weight.device))
+        with eval_mode(model):
+            model(ids[None, :].to(model.tok_emb.weight.device))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return torch.stack(captured).float().cpu()  # (L, H, T, T)
 
 

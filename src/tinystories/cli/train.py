@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     parser.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
     parser.add_argument("--seed", type=int, help="seed for initialisation, dropout and batch sampling")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="default: auto (cuda > mps > cpu)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto = cuda > mps > cpu)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: the preset's choice)")
     parser.add_argument("--init-from", metavar="RUN", help="start from another run's weights (fine-tuning)")
