@@ -49,11 +49,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: str = "rope"  # 'learned' | 'rope'
     rope_theta: float = 10000.0
-    mlp: str = "swiglu"  # 'gelu' | 'swiglu'
+    mlp: str = "swiglu"  # 'gelu' | 'swiglu' | 'relu2' (proj(relu(fc(x))^2), as modded-nanogpt)
     bias: bool = False  # biases in linear layers and LayerNorm
     dropout: float = 0.0
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
     sliding_window: int | None = None  # None: full causal attention; N: attend to the last N tokens
+    qk_norm: bool = False  # RMS-normalise queries and keys per head (no weights) before RoPE
+    logit_softcap: float | None = None  # None: plain logits; c: c * tanh(logits / c)
+    zero_init_proj: bool = False  # start every block's output projections at zero (blocks begin as identity)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -67,11 +70,12 @@ class ModelConfig:
              f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
         need(self.norm in ("layernorm", "rmsnorm"), f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
         need(self.position in ("learned", "rope"), f"position must be 'learned' or 'rope', got {self.position!r}")
-        need(self.mlp in ("gelu", "swiglu"), f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        need(self.mlp in ("gelu", "swiglu", "relu2"), f"mlp must be 'gelu', 'swiglu' or 'relu2', got {self.mlp!r}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.position != "rope" or self.head_dim % 2 == 0, "rope needs an even head dimension")
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be None or positive")
         need(self.d_ff is None or self.d_ff > 0, "d_ff must be None or positive")
+        need(self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap must be None or positive")
 
     @property
     def head_dim(self) -> int:
@@ -85,7 +89,7 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         if self.d_ff is not None:
             return self.d_ff
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.d_model
         # SwiGLU has three matrices instead of two: 2/3 of 4*d keeps the parameter count of a GELU MLP.
         return 32 * math.ceil(8 * self.d_model / 3 / 32)

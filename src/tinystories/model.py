@@ -1,8 +1,11 @@
 """A GPT-style transformer from PyTorch primitives, driven by one `ModelConfig`.
 
 Every variant the presets need is a setting: LayerNorm or RMSNorm, learned or rotary positions,
-GELU or SwiGLU, multi-head / grouped-query / multi-query attention, full or sliding-window causal
-attention, tied or separate output head. A `KVCache` makes generation cost one token per step.
+GELU, SwiGLU or ReLU^2, multi-head / grouped-query / multi-query attention, full or sliding-window
+causal attention, tied or separate output head, and the small-model options QK-norm, logit
+soft-capping and zero-initialised output projections. A `KVCache` makes generation cost one token
+per step. With targets, the loss is computed by `tinystories.loss.linear_cross_entropy`, which fuses
+the head with the cross-entropy and never holds the (B, T, V) logits.
 
 Shapes in comments: B batch, T new tokens, S key slots (cached + new), C d_model,
 H query heads, K key/value heads, D head dim, V vocabulary.
@@ -18,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinystories.config import ModelConfig
+from tinystories.loss import linear_cross_entropy
 
 
 @contextlib.contextmanager
@@ -124,12 +128,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, rotary, mask, cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
         # split (not slicing) so that backward concatenates the gradients instead of zero-filling buffers
         qk, v = self.qkv(x).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)  # (B, T, H+K, D), (B, T, K, D)
+        if self.qk_norm:  # unit RMS per head: attention logits stay bounded whatever the weights grow to
+            qk = F.rms_norm(qk, (D,))
         if rotary is not None:
             # Rotate queries and keys together in the (B, T, heads, D) layout the matmul produced:
             # one pass over rows of contiguous heads instead of two over transposed views.
@@ -150,21 +157,24 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (fc -> gelu -> proj) or SwiGLU (proj(silu(gate) * up))."""
+    """Position-wise feed-forward: GELU (proj(gelu(fc))), SwiGLU (proj(silu(gate) * up)) or ReLU^2
+    (proj(relu(fc)^2))."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.kind = config.mlp
         hidden = config.ffn_dim
         # SwiGLU's gate and up projections share one matrix: rows [0, hidden) gate, [hidden, 2*hidden) up.
-        self.fc = nn.Linear(config.d_model, hidden * (2 if self.swiglu else 1), bias=config.bias)
+        self.fc = nn.Linear(config.d_model, hidden * (2 if self.kind == "swiglu" else 1), bias=config.bias)
         self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
         return self.proj(h)
@@ -204,7 +214,8 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)
+        (or zero, with `zero_init_proj`: every block then starts as the identity)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -217,8 +228,11 @@ class GPT(nn.Module):
         # Each block adds two outputs to the residual stream; keep its variance from growing with depth.
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+            for projection in (block.attn.proj, block.mlp.proj):
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(projection.weight)
+                else:
+                    nn.init.normal_(projection.weight, mean=0.0, std=residual_std)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors counted once
@@ -232,9 +246,10 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None):
-        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+        """idx (B, T) token ids -> (logits (B, T, V), None), or with targets (None, mean loss).
 
-        targets (B, T): next-token ids, -1 where no loss is wanted (padding).
+        targets (B, T): next-token ids, -1 where no loss is wanted (padding). The loss is computed
+        without the logits (`tinystories.loss`), so none are returned with it.
         cache: attend to earlier tokens stored in it and append these T tokens.
         position_ids (T,) or (B, T): positions of the new tokens (default: slot indices start..start+T-1).
         key_padding_mask (B, S): True for real tokens, False for padding, over all slots up to S.
@@ -264,12 +279,17 @@ class GPT(nn.Module):
             x = block(x, rotary, mask, cache, start)
         if cache is not None:
             cache.length = start + T
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
-
-        loss = None
+        x = self.norm_f(x)  # (B, T, C)
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            return None, linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                              self.config.logit_softcap)
+        return self.logits(x), None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head: final hidden states (..., C) -> next-token logits (..., V), soft-capped if configured."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def _attention_mask(self, T: int, start: int, key_padding_mask, cached: bool, device) -> torch.Tensor | None:
         """Boolean (B|1, 1, T, S) mask, True = may attend; None when plain causal attention suffices."""
