@@ -58,7 +58,7 @@ MODEL_ERRORS = [
     (dict(n_kv_head=0), r"must be divisible by n_kv_head \(0\)"),
     (dict(norm="batchnorm"), "norm must be 'layernorm' or 'rmsnorm', got 'batchnorm'"),
     (dict(position="alibi"), "position must be 'learned' or 'rope', got 'alibi'"),
-    (dict(mlp="relu"), "mlp must be 'gelu' or 'swiglu', got 'relu'"),
+    (dict(mlp="relu"), "mlp must be 'gelu', 'swiglu' or 'relu2', got 'relu'"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
     (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
     (dict(d_model=12, n_head=4, position="rope"), "rope needs an even head dimension"),
