@@ -245,7 +245,8 @@ def compare_model(label: str, run_dir: Path, work: Path, binary: Path, id_binary
 
     from tinystories.checkpoint import build_model
     from tinystories.generate import LanguageModel, load_model
-    from tinystories.llama2c import byte_level_vocab_order, read_llama2c_bin, read_tokenizer_bin
+    from tinystories.llama2c import byte_level_vocab_order, read_llama2c_bin
+    from tinystories.vocab_bin import read_tokenizer_bin
 
     export_dir = work / f"{label}_llama2c"
     subprocess.run(cli + ["export", str(run_dir), "--format", "llama2c", "--out", str(export_dir), "--force"],

@@ -21,7 +21,8 @@ from tinystories.checkpoint import build_model, load_run_config, load_weights, r
 from tinystories.cli import main
 from tinystories.errors import UserError
 from tinystories.export import export, import_llama2c
-from tinystories.llama2c import Llama2cError, Llama2cTokenizer, load_any_tokenizer, read_tokenizer_bin
+from tinystories.tokenizer import load_tokenizer
+from tinystories.vocab_bin import Llama2cError, Llama2cTokenizer, read_tokenizer_bin
 
 
 # --- an independent port of run.c -----------------------------------------------------------------
@@ -325,22 +326,19 @@ def test_import_writes_a_run_directory(tmp_path, llama2c_files):
         assert (run / "checkpoints" / which / "model.safetensors").is_file()
     meta = json.loads((run / "tokenizer_meta.json").read_text())
     assert meta["kind"] == "llama2c" and meta["eot_id"] == 1 and meta["vocab_size"] == len(pieces)
-    assert isinstance(load_any_tokenizer(run), Llama2cTokenizer)
+    assert isinstance(load_tokenizer(run), Llama2cTokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "run", "tok.bin"]
 
 
 def test_import_then_load_run(tmp_path, llama2c_files):
-    """Needs tokenizer.load_tokenizer to hand kind 'llama2c' to Llama2cTokenizer."""
+    """tokenizer.load_tokenizer hands kind 'llama2c' to Llama2cTokenizer."""
     from tinystories.checkpoint import load_run
-    from tinystories.tokenizer import TokenizerError
 
     model_bin, tokenizer_bin, _, _ = llama2c_files
     run = import_llama2c(model_bin, tokenizer_bin, tmp_path / "run")
-    try:
-        _, tokenizer, _ = load_run(run)
-    except TokenizerError as error:
-        pytest.skip(f"tokenizer.load_tokenizer does not know kind 'llama2c' yet ({error})")
+    _, tokenizer, _ = load_run(run)
     assert tokenizer.kind == "llama2c" and tokenizer.eot_id == 1
+    assert tokenizer.encode("Once upon a time") == Llama2cTokenizer.from_bin(tokenizer_bin).encode("Once upon a time")
 
 
 def test_round_trips_are_byte_identical(tmp_path, llama2c_files):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from itertools import islice
 from pathlib import Path
@@ -18,6 +19,9 @@ from tinystories.tokenizer import (
     bytes_to_unicode,
     load_tokenizer,
     make_tokenizer,
+    merge_pair,
+    symbol_bytes,
+    unicode_to_bytes,
 )
 
 # Text that byte-level tokenizers must not alter: leading/trailing/repeated spaces, tabs, CRLF,
@@ -59,10 +63,10 @@ def gpt2(gpt2_dir: Path) -> BPETokenizer:
 @pytest.fixture(scope="module")
 def reference_gpt2(gpt2_dir: Path):
     """tiktoken's GPT-2 encoding built here, independently, from the local files (no network)."""
-    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is the reference for GPT-2 ids")
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    import tiktoken  # a core dependency
+
     encoder = json.loads((gpt2_dir / "encoder.json").read_text(encoding="utf-8"))
-    ranks = {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items() if token != EOT}
+    ranks = {symbol_bytes(token): rank for token, rank in encoder.items() if token != EOT}
     return tiktoken.Encoding(
         "gpt2-local",
         pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
@@ -70,6 +74,18 @@ def reference_gpt2(gpt2_dir: Path):
         special_tokens={EOT: 50256},
         explicit_n_vocab=50257,
     )
+
+
+def test_byte_symbol_maps_invert_each_other():
+    """GPT-2's byte-level alphabet: 256 distinct printable symbols, "!" stands for itself and the
+    space byte for "Ġ" (as in every GPT-2 vocabulary); the inverse map and symbol_bytes undo it."""
+    symbols = bytes_to_unicode()
+    assert len(set(symbols.values())) == 256 and all(symbol.isprintable() for symbol in symbols.values())
+    assert symbols[ord("!")] == "!" and symbols[ord(" ")] == "Ġ" and symbols[ord("\n")] == "Ċ"
+    assert unicode_to_bytes() == {symbol: byte for byte, symbol in symbols.items()}
+    assert symbol_bytes("ĠOnce") == b" Once" and symbol_bytes("Ċ") == b"\n"
+    assert symbol_bytes("x\u4e00") is None  # a character outside the alphabet
+    assert merge_pair("Ġ t") == merge_pair(["Ġ", "t"]) == ("Ġ", "t")
 
 
 def tokenizer_of_kind(kind: str, request: pytest.FixtureRequest):
@@ -276,3 +292,79 @@ def test_default_bpe_spec_is_4096(train_sample: list[str]) -> None:
 
     assert parse_spec("bpe") == ("bpe", 4096)
     assert parse_spec("bpe:300") == ("bpe", 300)
+
+
+# --- the package's import graph -----------------------------------------------------------------
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "src" / "tinystories"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every tinystories module an `import` anywhere in `tree` names (function bodies included),
+    plus the command modules `tinystories.cli` loads by name with importlib."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                package = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+                base = ".".join(package + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+    if module == "tinystories.cli":
+        from tinystories.cli import COMMAND_MODULES
+
+        names.update(f"tinystories.cli.{name}" for name in COMMAND_MODULES)
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the tinystories modules it imports (a module's own parent packages left out: Python
+    imports those first, whatever the module says)."""
+    sources = {_module_name(path): path for path in PACKAGE_ROOT.rglob("*.py")}
+    graph = {}
+    for module, path in sources.items():
+        names = _imported_names(ast.parse(path.read_text(encoding="utf-8")), module, path.name == "__init__.py")
+        graph[module] = {name for name in names if name in sources and name != module
+                         and not module.startswith(name + ".")}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per module that can reach itself (depth-first search)."""
+    cycles = []
+    for start in sorted(graph):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            module, path = stack.pop()
+            for target in sorted(graph[module]):
+                if target == start:
+                    cycles.append(path + [start])
+                    stack = []
+                    break
+                if target not in seen:
+                    seen.add(target)
+                    stack.append((target, path + [target]))
+    return cycles
+
+
+def test_import_cycle_finder_finds_a_planted_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert [cycle[0] for cycle in import_cycles(graph)] == ["a", "b", "c"]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_package_has_no_import_circle():
+    graph = import_graph()
+    assert "tinystories.vocab_bin" in graph["tinystories.tokenizer"]  # the graph sees module-level imports
+    assert "tinystories.tokenizer" in graph["tinystories.checkpoint"]  # ... and function-level ones
+    assert "tinystories.cli.export" in graph["tinystories.cli"]  # ... and cli's importlib command list
+    assert graph["tinystories.vocab_bin"] <= {"tinystories.errors", "tinystories.files"}  # a leaf
+    assert import_cycles(graph) == []

@@ -32,9 +32,10 @@ from tinystories.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, build_model, load
 from tinystories.config import RunConfig, TrainConfig
 from tinystories.files import write_json_atomic
 from tinystories.errors import UserError
-from tinystories.llama2c import (TOKENIZER_BIN, Llama2cTokenizer, byte_level_pieces, byte_level_tokenizer_from_pieces,
-                                 byte_level_vocab_order, is_byte_level_vocab, read_llama2c_bin, read_tokenizer_bin,
-                                 write_llama2c_bin, write_tokenizer_bin)
+from tinystories.llama2c import (byte_level_pieces, byte_level_tokenizer_from_pieces, byte_level_vocab_order,
+                                 check_llama2c_compatible, is_byte_level_vocab, read_llama2c_bin, write_llama2c_bin)
+from tinystories.tokenizer import EOT, byte_level_tokenizer, unicode_to_bytes
+from tinystories.vocab_bin import TOKENIZER_BIN, Llama2cTokenizer, read_tokenizer_bin, write_tokenizer_bin
 
 FORMATS = ("hf", "gguf", "llama2c", "safetensors")
 IMPORT_FORMATS = ("llama2c",)
@@ -72,15 +73,9 @@ class ExportSource:
 
 def bytes_tokenizer_json(eot_id: int = 256) -> dict[str, Any]:
     """A byte-level BPE with no merges that encodes exactly like the 'bytes' tokenizer (id = byte)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, models
 
-    from tinystories.tokenizer import EOT, bytes_to_unicode
-
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = byte_level_tokenizer(models.BPE(vocab=unicode_to_bytes(), merges=[]))
     tokenizer.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
     values = json.loads(tokenizer.to_str())
     if tokenizer.token_to_id(EOT) != eot_id:
@@ -175,8 +170,6 @@ def _check_gguf(source: ExportSource) -> None:
 
 
 def _check_llama2c(source: ExportSource) -> None:
-    from tinystories.llama2c import check_llama2c_compatible
-
     check_llama2c_compatible(source.run_config.model)
 
 

@@ -17,7 +17,9 @@ import torch
 
 from tinystories.config import ModelConfig
 from tinystories.errors import UserError
-from tinystories.llama2c import BYTE_PIECE, halves_to_pairs
+from tinystories.llama2c import halves_to_pairs
+from tinystories.tokenizer import merge_pair
+from tinystories.vocab_bin import BYTE_PIECE
 
 ARCH = "llama"
 
@@ -99,7 +101,7 @@ def gguf_vocab(tokenizer_json: dict[str, Any], meta: dict[str, Any], vocab_size:
         return {"model": "llama", "pre": "default", "tokens": tokens, "types": types,
                 "scores": list(scores[:vocab_size]) + [0.0] * (vocab_size - len(scores)), "merges": None,
                 "bos": 1, "eos": 2, "unk": 0, "add_bos": True}
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+    merges = [" ".join(merge_pair(merge)) for merge in model.get("merges", [])]  # GGUF spells them "a b"
     pre_tokenizer = tokenizer_json.get("pre_tokenizer") or {}
     regex = pre_tokenizer.get("type") == "ByteLevel" and pre_tokenizer.get("use_regex", True)
     eot = int(meta["eot_id"])

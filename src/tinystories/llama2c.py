@@ -14,43 +14,33 @@ Matrices are row-major (out, in), like `nn.Linear.weight`. llama2.c rotates adja
 (x[2i], x[2i+1]); our model rotates halves (x[i], x[i + D/2]), so wq/wk rows are permuted on the
 way out and back on the way in. run.c hard-codes RMSNorm eps 1e-5, RoPE theta 10000 and SwiGLU.
 
-Tokenizer (`run.c`'s `build_tokenizer`): int32 max_token_length, then per token: float32 score,
-int32 length, the piece's bytes. Pieces come from sentencepiece with '▁' written as ' '; <s> is
-written as "\\n<s>\\n", </s> as "\\n</s>\\n", and 256 byte-fallback pieces "<0x00>".."<0xFF>" follow.
-Our own byte-level export (`byte_level_vocab_order`) writes <|endoftext|> at id 1 and byte b at id
-3 + b instead; importing such a file rebuilds the byte-level BPE (`byte_level_tokenizer_from_pieces`).
+The tokenizer.bin format and llama2.c's own sentencepiece vocabulary (`Llama2cTokenizer`) live in
+vocab_bin.py. Our byte-level BPEs go into the same file with another layout
+(`byte_level_vocab_order`): <|endoftext|> at id 1 and byte b at id 3 + b; importing such a file
+rebuilds the byte-level BPE (`byte_level_tokenizer_from_pieces`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from tinystories.config import ModelConfig
-from tinystories.errors import UserError
-from tinystories.files import atomic_path, write_json_atomic, write_text_atomic
+from tinystories.tokenizer import (EOT, BPETokenizer, byte_level_tokenizer, bytes_to_unicode, merge_pair,
+                                   symbol_bytes, unicode_to_bytes)
+from tinystories.vocab_bin import BYTE_PIECE, Llama2cError
 
 HEADER = struct.Struct("<7i")
 LLAMA2C_MAGIC = 0x616B3432  # "ak42": llama2.c's newer (version >= 1) export formats start with it
 NORM_EPS = 1e-5  # run.c: rmsnorm adds 1e-5
 ROPE_THETA = 10000.0  # run.c: powf(10000.0f, ...)
-BOS_PIECE, EOS_PIECE = b"\n<s>\n", b"\n</s>\n"
-SPIECE_SPACE = "\u2581"  # sentencepiece's '▁'
-BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
-TOKENIZER_BIN = "tokenizer.bin"
-
-
-class Llama2cError(UserError):
-    """A llama2.c file is malformed, or a model cannot be written in llama2.c's format."""
-
+_SYMBOL_OF_BYTE = bytes_to_unicode()
 
 # --- rotary layouts -------------------------------------------------------------------------------
 
@@ -210,23 +200,29 @@ def read_llama2c_header(path: Path) -> Llama2cHeader:
     return header
 
 
+class _FloatReader:
+    """Consecutive arrays out of one flat float32 array, in file order."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+        self.position = 0
+
+    def take(self, *shape: int) -> torch.Tensor:
+        count = int(np.prod(shape))
+        array = self.data[self.position:self.position + count].reshape(shape)
+        self.position += count
+        return torch.from_numpy(array.astype(np.float32))
+
+
 def read_llama2c_bin(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(ModelConfig, our state dict) from a legacy llama2.c checkpoint; Llama2cError if malformed."""
     path = Path(path)
     header = read_llama2c_header(path)
     config = header.model_config()
-    data = np.fromfile(path, dtype="<f4", offset=HEADER.size)
+    data = _FloatReader(np.fromfile(path, dtype="<f4", offset=HEADER.size))
     H, K, D, F, L, C, V = (header.n_heads, header.n_kv_heads, config.head_dim, header.hidden_dim,
                            header.n_layers, header.dim, header.vocab_size)
-    position = 0
-
-    def take(*shape: int) -> torch.Tensor:
-        nonlocal position
-        count = int(np.prod(shape))
-        array = data[position:position + count].reshape(shape)
-        position += count
-        return torch.from_numpy(array.astype(np.float32))
-
+    take = data.take
     token_embedding = take(V, C)
     rms_att, wq, wk, wv = take(L, C), take(L, H * D, C), take(L, K * D, C), take(L, K * D, C)
     wo, rms_ffn = take(L, C, H * D), take(L, C)
@@ -247,50 +243,7 @@ def read_llama2c_bin(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, to
     return config, weights
 
 
-# --- tokenizer.bin --------------------------------------------------------------------------------
-
-
-def read_tokenizer_bin(path: str | os.PathLike, vocab_size: int | None = None) -> tuple[list[bytes], list[float], int]:
-    """(pieces, scores, max_token_length) of a llama2.c tokenizer.bin.
-
-    The file does not store its size: with `vocab_size` exactly that many tokens are read (as run.c
-    does) and trailing bytes are an error; without, tokens are read to the end of the file.
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise Llama2cError(f"{path}: cannot read ({error.strerror or error})") from None
-    if len(raw) < 4:
-        raise Llama2cError(f"{path}: too short for a llama2.c tokenizer.bin")
-    (max_token_length,) = struct.unpack_from("<i", raw, 0)
-    offset, pieces, scores = 4, [], []
-    while offset < len(raw) and (vocab_size is None or len(pieces) < vocab_size):
-        if offset + 8 > len(raw):
-            raise Llama2cError(f"{path}: truncated at token {len(pieces)} (offset {offset})")
-        score, length = struct.unpack_from("<fi", raw, offset)
-        offset += 8
-        if length < 0 or offset + length > len(raw) or length > max(max_token_length, 0):
-            raise Llama2cError(f"{path}: token {len(pieces)} has a bad length {length} "
-                               f"(max_token_length {max_token_length}); not a llama2.c tokenizer.bin")
-        pieces.append(raw[offset:offset + length])
-        scores.append(score)
-        offset += length
-    if vocab_size is not None and len(pieces) < vocab_size:
-        raise Llama2cError(f"{path}: holds {len(pieces)} tokens but the model has vocab_size {vocab_size}")
-    if offset != len(raw):
-        raise Llama2cError(f"{path}: {len(raw) - offset} bytes left after {len(pieces)} tokens "
-                           f"(the model has vocab_size {vocab_size}): tokenizer and model do not match")
-    return pieces, scores, max_token_length
-
-
-def write_tokenizer_bin(path: str | os.PathLike, pieces: Sequence[bytes], scores: Sequence[float]) -> None:
-    max_token_length = max((len(piece) for piece in pieces), default=0)
-    with open(path, "wb") as file:
-        file.write(struct.pack("<i", max_token_length))
-        for piece, score in zip(pieces, scores):
-            file.write(struct.pack("<fi", score, len(piece)))
-            file.write(piece)
+# --- our byte-level vocabulary in tokenizer.bin ---------------------------------------------------
 
 
 def byte_level_vocab_order(tokenizer_json: dict[str, Any], vocab_size: int, eot_id: int) -> list[int]:
@@ -301,9 +254,7 @@ def byte_level_vocab_order(tokenizer_json: dict[str, Any], vocab_size: int, eot_
     ids 3 + byte (sentencepiece byte fallback): byte b's token goes to id 3 + b. Every other token
     keeps its relative order in the remaining ids.
     """
-    from tinystories.tokenizer import bytes_to_unicode
-
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    byte_of = unicode_to_bytes()
     order: list[int | None] = [None] * vocab_size
     order[1] = eot_id
     for token, token_id in tokenizer_json["model"]["vocab"].items():
@@ -321,22 +272,20 @@ def byte_level_pieces(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[
     adjacent pair with the highest score, so a merged token scores -(its merge rank); others 0.
     Ids past the tokenizer's vocabulary (a padded embedding) get empty pieces.
     """
-    from tinystories.tokenizer import bytes_to_unicode
-
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     model = tokenizer_json["model"]
     pieces: list[bytes] = [b""] * vocab_size
     scores: list[float] = [0.0] * vocab_size
     for token, token_id in model["vocab"].items():
         # A token outside the byte-level alphabet is an unused id's placeholder (see
         # `byte_level_tokenizer_from_pieces`): it stands for no bytes, like a padded id.
-        if token_id < vocab_size and all(char in byte_of for char in token):
-            pieces[token_id] = bytes(byte_of[char] for char in token)
+        piece = symbol_bytes(token)
+        if token_id < vocab_size and piece is not None:
+            pieces[token_id] = piece
     for added in tokenizer_json.get("added_tokens", []):
         if added["id"] < vocab_size:
             pieces[added["id"]] = added["content"].encode("utf-8")
     for rank, merge in enumerate(model.get("merges", [])):
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        left, right = merge_pair(merge)
         merged_id = model["vocab"].get(left + right)
         if merged_id is not None and merged_id < vocab_size and scores[merged_id] == 0.0:
             scores[merged_id] = -float(rank + 1)
@@ -387,7 +336,7 @@ def _merge_split(piece: bytes, merge_ranks: dict[tuple[bytes, bytes], int],
 
 
 def byte_level_tokenizer_from_pieces(pieces: Sequence[bytes], scores: Sequence[float],
-                                     source: str = "tokenizer.bin"):
+                                     source: str = "tokenizer.bin") -> BPETokenizer:
     """Rebuild our byte-level BPE (kind 'bpe') from a tokenizer.bin our exporter wrote.
 
     The ids stay those of the file (EOT at 1, byte b at 3 + b), so the imported model and tokenizer
@@ -403,28 +352,41 @@ def byte_level_tokenizer_from_pieces(pieces: Sequence[bytes], scores: Sequence[f
     """
     from tokenizers import AddedToken, models
 
-    from tinystories.tokenizer import EOT, BPETokenizer, byte_level_tokenizer, bytes_to_unicode
-
     if pieces[1] != EOT.encode("utf-8"):
         raise Llama2cError(f"{source}: a byte-level vocabulary (byte b at id 3 + b) but token 1 is "
                            f"{pieces[1][:40]!r}, not {EOT}: not written by tinystories' llama2c export")
-    symbol = bytes_to_unicode()
     used = max(token_id for token_id, piece in enumerate(pieces) if piece) + 1
-    strings: list[str] = []
-    for token_id, piece in enumerate(pieces[:used]):
-        if token_id == 1:
-            strings.append(EOT)
-        elif not piece:
-            strings.append(f"\ufffd<unused{token_id}>")
-        else:
-            strings.append("".join(symbol[byte] for byte in piece))
+    vocab = _byte_level_vocab(pieces[:used], source)
+    merges = [(_symbols(left), _symbols(right)) for left, right in _recovered_merges(pieces[:used], scores, source)]
+    hf_tokenizer = byte_level_tokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf_tokenizer.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    return BPETokenizer(hf_tokenizer, "bpe", f"bpe:{used}")
+
+
+def _symbols(piece: bytes) -> str:
+    """`piece` in the byte-level alphabet (`bytes_to_unicode`), as tokenizer.json spells tokens."""
+    return "".join(_SYMBOL_OF_BYTE[byte] for byte in piece)
+
+
+def _byte_level_vocab(pieces: Sequence[bytes], source: str) -> dict[str, int]:
+    """tokenizer.json's vocab for `pieces`: EOT at id 1, a placeholder for each empty (unused) id."""
     vocab: dict[str, int] = {}
-    for token_id, string in enumerate(strings):
+    for token_id, piece in enumerate(pieces):
+        if token_id == 1:
+            string = EOT
+        elif not piece:
+            string = f"\ufffd<unused{token_id}>"
+        else:
+            string = _symbols(piece)
         if string in vocab:
             raise Llama2cError(f"{source}: token {token_id} repeats piece {string!r} of token {vocab[string]}")
         vocab[string] = token_id
-    merged = [token_id for token_id, piece in enumerate(pieces[:used])
-              if token_id != 1 and len(piece) > 1]
+    return vocab
+
+
+def _recovered_merges(pieces: Sequence[bytes], scores: Sequence[float], source: str) -> list[tuple[bytes, bytes]]:
+    """The BPE merges (left, right) that made the multi-byte pieces, first merge first."""
+    merged = [token_id for token_id, piece in enumerate(pieces) if token_id != 1 and len(piece) > 1]
     for token_id in merged:
         if scores[token_id] >= 0:
             raise Llama2cError(f"{source}: token {token_id} ({pieces[token_id][:40]!r}) is several bytes but "
@@ -439,151 +401,4 @@ def byte_level_tokenizer_from_pieces(pieces: Sequence[bytes], scores: Sequence[f
             raise Llama2cError(f"{source}: token {token_id} ({piece[:40]!r}) is no merge of two earlier tokens")
         merge_ranks.setdefault(split, rank)
         known.add(piece)
-    merges = [("".join(symbol[b] for b in left), "".join(symbol[b] for b in right))
-              for (left, right), _ in sorted(merge_ranks.items(), key=lambda item: item[1])]
-    hf_tokenizer = byte_level_tokenizer(models.BPE(vocab=vocab, merges=merges))
-    hf_tokenizer.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
-    return BPETokenizer(hf_tokenizer, "bpe", f"bpe:{used}")
-
-
-class Llama2cTokenizer:
-    """llama2.c's sentencepiece-style vocabulary with our tokenizer interface.
-
-    Encoding follows run.c's `encode` (a '▁' dummy prefix, per-character lookup with <0xXX> byte
-    fallback, then merges by score) through a Hugging Face `tokenizers` BPE built from the pieces.
-
-    `eot_id` is BOS (id 1), not </s> (id 2): llama2.c's models were trained with BOS before every
-    story and never saw </s>, and run.c prepends BOS to the prompt and stops when BOS comes out.
-    So our convention ([eot_id] + encode(prompt), stop at eot_id) gives exactly run.c's tokens.
-    `encode` adds no special token (the HF tokenizer.json's post-processor adds BOS for
-    transformers users, as Llama's does). `decode` follows run.c's `decode`: BOS and EOS print
-    nothing, a leading space is dropped right after BOS, <0xXX> pieces are raw bytes, and
-    unprintable single ASCII bytes are skipped (run.c's `safe_printf`); bytes >= 0x80 are kept so
-    UTF-8 text survives (run.c drops them).
-    """
-
-    kind = "llama2c"
-    spec = "llama2c"
-
-    def __init__(self, pieces: Sequence[bytes], scores: Sequence[float], source: str = "tokenizer.bin") -> None:
-        if len(pieces) < 3 or pieces[1] != BOS_PIECE or pieces[2] != EOS_PIECE:
-            raise Llama2cError(f"{source}: not a llama2.c sentencepiece vocabulary "
-                               "(expected <unk>, <s>, </s> as tokens 0, 1, 2)")
-        self.pieces = list(pieces)
-        self.scores = [float(score) for score in scores]
-        self.vocab_size = len(self.pieces)
-        self.unk_id, self.bos_id, self.eos_id = 0, 1, 2
-        self.eot_id = self.bos_id  # the story separator (see the class docstring)
-        self._hf = self._build_hf_tokenizer(source)
-
-    # The HF tokenizer: sentencepiece strings ('▁' for space), BPE merges derived from the scores.
-    def _build_hf_tokenizer(self, source: str):
-        from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-
-        strings = [self._piece_string(i) for i in range(self.vocab_size)]
-        vocab: dict[str, int] = {}
-        for token_id, string in enumerate(strings):
-            if string in vocab:
-                raise Llama2cError(f"{source}: token {token_id} repeats piece {string!r} of token {vocab[string]}")
-            vocab[string] = token_id
-        merges = []
-        for token_id, string in enumerate(strings):
-            if token_id < 3 or BYTE_PIECE.fullmatch(self.pieces[token_id]) or len(string) < 2:
-                continue
-            for split in range(1, len(string)):
-                left, right = string[:split], string[split:]
-                if left in vocab and right in vocab:
-                    merges.append((-self.scores[token_id], token_id, split, left, right))
-        merges.sort()  # run.c merges the highest score first; ties: lower id first
-        model = models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in merges],
-                           unk_token=strings[0], byte_fallback=True, fuse_unk=True)
-        tokenizer = Tokenizer(model)
-        # run.c prepends a dummy ' ' to non-empty text and never splits on whitespace.
-        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE_SPACE),
-                                                     normalizers.Replace(" ", SPIECE_SPACE)])
-        tokenizer.add_special_tokens([AddedToken(strings[i], special=True, normalized=False) for i in range(3)])
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{strings[1]} $A", pair=f"{strings[1]} $A {strings[1]} $B", special_tokens=[(strings[1], 1)])
-        tokenizer.decoder = decoders.Sequence([decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(),
-                                               decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-        return tokenizer
-
-    def _piece_string(self, token_id: int) -> str:
-        piece = self.pieces[token_id]
-        if token_id == 1:
-            return "<s>"
-        if token_id == 2:
-            return "</s>"
-        return piece.decode("utf-8", errors="replace").replace(" ", SPIECE_SPACE)
-
-    @property
-    def hf_tokenizer(self):
-        """The Hugging Face `tokenizers.Tokenizer` (what `save` writes as tokenizer.json)."""
-        return self._hf
-
-    def encode(self, text: str) -> list[int]:
-        """run.c's encoding of `text` without its leading BOS."""
-        return self._hf.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self._hf.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        out = bytearray()
-        previous = None
-        for token in ids:
-            token = int(token)
-            if not 0 <= token < self.vocab_size:
-                raise ValueError(f"token id {token} is outside the vocabulary (0-{self.vocab_size - 1})")
-            piece = b"" if token in (self.bos_id, self.eos_id) else self.pieces[token]
-            if previous == self.bos_id and piece.startswith(b" "):
-                piece = piece[1:]
-            match = BYTE_PIECE.fullmatch(piece)
-            if match:
-                piece = bytes([int(match.group(1), 16)])
-            if len(piece) == 1 and piece[0] < 0x80 and not (0x20 <= piece[0] < 0x7F or piece in b"\t\n\v\f\r"):
-                piece = b""  # run.c's safe_printf skips unprintable single bytes
-            out += piece
-            previous = token
-        return out.decode("utf-8", errors="replace")
-
-    def meta(self) -> dict[str, Any]:
-        return {"kind": self.kind, "spec": self.spec, "vocab_size": self.vocab_size, "eot_id": self.eot_id,
-                "bos_id": self.bos_id, "eos_id": self.eos_id, "unk_id": self.unk_id}
-
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write tokenizer.bin (the source of truth), tokenizer.json (for HF) and tokenizer_meta.json."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / TOKENIZER_BIN) as temporary:
-            write_tokenizer_bin(temporary, self.pieces, self.scores)
-        write_text_atomic(directory / "tokenizer.json", self._hf.to_str())
-        write_json_atomic(directory / "tokenizer_meta.json", self.meta())
-
-    @classmethod
-    def from_bin(cls, path: str | os.PathLike, vocab_size: int | None = None) -> "Llama2cTokenizer":
-        pieces, scores, _ = read_tokenizer_bin(path, vocab_size)
-        return cls(pieces, scores, source=str(path))
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> "Llama2cTokenizer":
-        """Load what `save` wrote (reads tokenizer.bin)."""
-        return cls.from_bin(Path(directory) / TOKENIZER_BIN)
-
-    def __repr__(self) -> str:
-        return f"Llama2cTokenizer(vocab_size={self.vocab_size})"
-
-
-def load_any_tokenizer(directory: str | os.PathLike):
-    """`tokenizer.load_tokenizer`, plus the 'llama2c' kind it may not know about."""
-    directory = Path(directory)
-    meta_path = directory / "tokenizer_meta.json"
-    try:
-        kind = json.loads(meta_path.read_text()).get("kind") if meta_path.is_file() else None
-    except (OSError, ValueError):
-        kind = None
-    if kind == "llama2c":
-        return Llama2cTokenizer.load(directory)
-    from tinystories.tokenizer import load_tokenizer
-
-    return load_tokenizer(directory)
+    return sorted(merge_ranks, key=merge_ranks.__getitem__)

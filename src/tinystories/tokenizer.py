@@ -35,6 +35,7 @@ import numpy as np
 
 from tinystories.errors import UserError
 from tinystories.files import write_json_atomic, write_text_atomic
+from tinystories.vocab_bin import Llama2cTokenizer
 
 EOT = "<|endoftext|>"
 DEFAULT_BPE_VOCAB = 4096
@@ -80,6 +81,23 @@ def bytes_to_unicode() -> dict[int, str]:
             mapping[byte] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+_BYTE_OF_SYMBOL = {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def unicode_to_bytes() -> dict[str, int]:
+    """The inverse of `bytes_to_unicode`: each byte-level symbol back to its byte."""
+    return dict(_BYTE_OF_SYMBOL)
+
+
+def symbol_bytes(token: str) -> bytes | None:
+    """The bytes a byte-level BPE token (a string of `bytes_to_unicode` symbols) stands for, or None
+    when a character of it is outside that alphabet."""
+    try:
+        return bytes(_BYTE_OF_SYMBOL[char] for char in token)
+    except KeyError:
+        return None
 
 
 class Tokenizer:
@@ -258,6 +276,12 @@ def byte_level_tokenizer(model: Any) -> Any:
     return tokenizer
 
 
+def merge_pair(merge: str | Sequence[str]) -> tuple[str, str]:
+    """(left, right) of a tokenizer.json merge: "a b" in older files, ["a", "b"] in newer ones."""
+    left, right = merge.split(" ") if isinstance(merge, str) else merge
+    return left, right
+
+
 def train_bpe(stories: Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB) -> BPETokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (including `<|endoftext|>` = id 0) on `stories`.
 
@@ -412,11 +436,8 @@ def _tiktoken_ranks(config: dict[str, Any], eot_id: int) -> dict[bytes, int] | N
     if specials != {eot_id}:
         return None
     vocab: dict[str, int] = model["vocab"]
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-    try:
-        ranks = {bytes(byte_of[char] for char in token): token_id for token, token_id in vocab.items()
-                 if token_id != eot_id}
-    except KeyError:  # a symbol outside the byte-level alphabet
+    ranks = {symbol_bytes(token): token_id for token, token_id in vocab.items() if token_id != eot_id}
+    if None in ranks:  # a symbol outside the byte-level alphabet
         return None
     if len(ranks) != len(vocab) - (1 if EOT in vocab else 0) or len(set(ranks.values())) != len(ranks):
         return None
@@ -425,7 +446,7 @@ def _tiktoken_ranks(config: dict[str, Any], eot_id: int) -> dict[bytes, int] | N
     previous_id = -1
     made: set[str] = set()
     for merge in model.get("merges", []):
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        left, right = merge_pair(merge)
         merged = left + right
         merged_id = vocab.get(merged)
         if merged_id is None or merged_id <= previous_id or merged in made:
@@ -505,8 +526,6 @@ def load_tokenizer(directory: str | os.PathLike, *, tokenizer_file: str | os.Pat
     if meta.get("kind") == "bytes":
         return BytesTokenizer()
     if meta.get("kind") == "llama2c":  # imported from llama2.c's tokenizer.bin (sentencepiece-style pieces)
-        from tinystories.llama2c import Llama2cTokenizer
-
         return Llama2cTokenizer.load(directory)
     if not json_path.is_file():
         raise TokenizerError(f"no tokenizer in {directory} ({TOKENIZER_FILE} and {META_FILE} missing)")
