@@ -6,24 +6,21 @@ import json
 import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
-from export_helpers import EOT, SENTENCES, gpt2_config, greedy, llama_config, make_run, train_byte_level_bpe
+from export_helpers import (EOT, SENTENCES, gpt2_config, greedy, llama_config, make_run, require_llama_cpp,
+                            train_byte_level_bpe)
 from tinystories.checkpoint import build_model, load_weights, resolve_checkpoint, load_run_config
 from tinystories.cli import main
 from tinystories.errors import UserError
 from tinystories.export import ExportError, export
 from tinystories.llama2c import halves_to_pairs, pairs_to_halves
 
-try:
-    import transformers
-except ImportError:  # only the hf tests need it
-    transformers = None
-needs_transformers = pytest.mark.skipif(transformers is None,
-                                        reason="transformers is not installed (pip install -e .[export])")
 
 FAMILIES = {
     # name: (config, expected transformers class)
@@ -40,7 +37,6 @@ def tokenizer():
     return train_byte_level_bpe()
 
 
-@needs_transformers
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_hf_export_matches_logits_and_greedy(tmp_path, tokenizer, family):
     config, class_name = FAMILIES[family]
@@ -64,7 +60,6 @@ def test_hf_export_matches_logits_and_greedy(tmp_path, tokenizer, family):
     assert generated[0, len(prompt):].tolist() == expected
 
 
-@needs_transformers
 def test_hf_tokenizer_loads_with_autotokenizer(tmp_path, tokenizer):
     run, _ = make_run(tmp_path / "run", llama_config(), tokenizer)
     out = export(run, "hf", tmp_path / "hf")
@@ -76,7 +71,6 @@ def test_hf_tokenizer_loads_with_autotokenizer(tmp_path, tokenizer):
     assert hf_tokenizer.eos_token == EOT and hf_tokenizer.eos_token_id == tokenizer.token_to_id(EOT)
 
 
-@needs_transformers
 def test_hf_export_of_bytes_tokenizer(tmp_path):
     """The 'bytes' kind has no tokenizer.json; the export synthesises one with id = byte value."""
     config = llama_config(vocab_size=257)
@@ -92,7 +86,6 @@ def test_hf_export_of_bytes_tokenizer(tmp_path):
     assert hf_tokenizer.decode(expected) == text
 
 
-@needs_transformers
 def test_hf_export_float16(tmp_path, tokenizer):
     run, model = make_run(tmp_path / "run", llama_config(), tokenizer)
     out = export(run, "hf", tmp_path / "hf", dtype="float16")
@@ -114,6 +107,9 @@ def test_hf_export_float16(tmp_path, tokenizer):
     (llama_config(norm="layernorm"), "norm='layernorm'"),
     (llama_config(sliding_window=8, bias=True), "bias=True"),  # bias in Mistral
     (llama_config(sliding_window=8, mlp="gelu"), "mlp='gelu'"),  # the seed002 preset's shape
+    (llama_config(mlp="relu2"), "mlp='relu2'"),
+    (llama_config(qk_norm=True), "qk_norm=True"),
+    (gpt2_config(logit_softcap=15.0), "logit_softcap=15.0"),
 ])
 def test_hf_export_refuses_what_the_class_cannot_express(tmp_path, tokenizer, config, field):
     run, _ = make_run(tmp_path / "run", config, tokenizer)
@@ -142,7 +138,6 @@ def _field_value(reader, key):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_gguf_tensors_and_metadata(tmp_path, tokenizer, dtype):
-    gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install -e .[export])")
     config = llama_config(rope_theta=20000.0, norm_eps=1e-6)
     run, model = make_run(tmp_path / "run", config, tokenizer)
     out = export(run, "gguf", tmp_path / "gguf", dtype=dtype)
@@ -201,7 +196,6 @@ def test_gguf_tensors_and_metadata(tmp_path, tokenizer, dtype):
 
 
 def test_gguf_tied_model_has_no_output_tensor(tmp_path, tokenizer):
-    gguf = pytest.importorskip("gguf", reason="gguf is not installed")
     run, _ = make_run(tmp_path / "run", llama_config(tie_embeddings=True), tokenizer)
     reader = gguf.GGUFReader(export(run, "gguf", tmp_path / "gguf") / "model.gguf")
     assert "output.weight" not in {tensor.name for tensor in reader.tensors}
@@ -228,6 +222,8 @@ def test_pairs_permutation_is_the_rotary_layout_change():
     (llama_config(mlp="gelu"), "mlp='gelu'"),
     (llama_config(bias=True), "bias=True"),
     (llama_config(sliding_window=4), "sliding_window=4"),
+    (llama_config(qk_norm=True), "qk_norm=True"),
+    (llama_config(logit_softcap=30.0), "logit_softcap=30.0"),
 ])
 def test_gguf_refuses_non_llama_models(tmp_path, tokenizer, config, field):
     run, _ = make_run(tmp_path / "run", config, tokenizer)
@@ -236,17 +232,20 @@ def test_gguf_refuses_non_llama_models(tmp_path, tokenizer, config, field):
     assert not (tmp_path / "gguf").exists()
 
 
-def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    return llama_cpp
+def test_missing_llama_cpp_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` now raises ImportError
+    monkeypatch.setenv("TINYSTORIES_REQUIRE_LLAMA_CPP", "1")
+    with pytest.raises(pytest.fail.Exception, match="requires it"):
+        require_llama_cpp()
+    monkeypatch.delenv("TINYSTORIES_REQUIRE_LLAMA_CPP")
+    with pytest.raises(pytest.skip.Exception, match="CI sets TINYSTORIES_REQUIRE_LLAMA_CPP=1"):
+        require_llama_cpp()
 
 
-@pytest.mark.skipif(_llama_cpp() is None, reason="llama-cpp-python is not installed (it compiles llama.cpp)")
 def test_gguf_greedy_matches_llama_cpp(tmp_path, tokenizer):
-    llama_cpp = _llama_cpp()
+    llama_cpp = require_llama_cpp()
     config = llama_config(vocab_size=320, context_length=64, tie_embeddings=False)
     run, model = make_run(tmp_path / "run", config, tokenizer)
     out = export(run, "gguf", tmp_path / "gguf")
@@ -292,7 +291,6 @@ def test_safetensors_dir_is_loadable(tmp_path, tokenizer, dtype):
 
 
 def test_safetensors_dir_loads_with_load_run(tmp_path, tokenizer):
-    pytest.importorskip("tinystories.tokenizer", reason="tokenizer.py (load_tokenizer) has not landed yet")
     from tinystories.checkpoint import load_run
 
     run, model = make_run(tmp_path / "run", llama_config(), tokenizer)
@@ -358,7 +356,6 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, tokenizer, capsys, argv, mes
     assert not (tmp_path / "out").exists()
 
 
-@needs_transformers
 def test_cli_export_success(tmp_path, tokenizer, capsys):
     run, _ = make_run(tmp_path / "run", llama_config(), tokenizer)
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf"), "--dtype", "float16"]) == 0
@@ -368,7 +365,6 @@ def test_cli_export_success(tmp_path, tokenizer, capsys):
     assert json.loads(Path(tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
-@needs_transformers
 def test_hf_export_with_the_gpt2_tokenizer(tmp_path, gpt2_dir):
     """The seed004 preset's shape with tokenizer.py's GPT-2 tokenizer: transformers encodes identically."""
     from tinystories.checkpoint import save_checkpoint

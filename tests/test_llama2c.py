@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from export_helpers import EOT, gpt2_config, greedy, llama_config, make_run, train_byte_level_bpe
+from export_helpers import EOT, gpt2_config, greedy, llama_config, make_run, require_llama_cpp, train_byte_level_bpe
 from tinystories.checkpoint import build_model, load_run_config, load_weights, resolve_checkpoint
 from tinystories.cli import main
 from tinystories.errors import UserError
@@ -283,6 +283,8 @@ def test_exported_tokenizer_bin_holds_each_tokens_bytes(tmp_path):
     (llama_config(norm="layernorm"), "norm='layernorm'"),
     (llama_config(bias=True), "bias=True"),
     (llama_config(sliding_window=4), "sliding_window=4"),
+    (llama_config(qk_norm=True), "qk_norm=True"),
+    (llama_config(logit_softcap=30.0), "logit_softcap=30.0"),
     (llama_config(rope_theta=500000.0), "rope_theta=500000"),
     (llama_config(norm_eps=1e-6), "norm_eps=1e-06"),
 ])
@@ -374,8 +376,9 @@ def test_export_then_import_gives_identical_weights(tmp_path, tied):
 
 
 def test_imported_model_exports_to_hf_and_gguf(tmp_path, llama2c_files):
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
-    gguf = pytest.importorskip("gguf", reason="gguf is not installed")
+    import gguf
+    import transformers
+
     model_bin, tokenizer_bin, pieces, scores = llama2c_files
     run = import_llama2c(model_bin, tokenizer_bin, tmp_path / "run")
     model, tokenizer = load_imported(run)
@@ -401,10 +404,7 @@ def test_imported_model_exports_to_hf_and_gguf(tmp_path, llama2c_files):
 
 def test_imported_model_runs_in_llama_cpp(tmp_path, llama2c_files):
     """The sentencepiece ('llama') GGUF vocabulary: llama.cpp tokenizes and predicts like run.c."""
-    try:
-        import llama_cpp
-    except ImportError:
-        pytest.skip("llama-cpp-python is not installed (it compiles llama.cpp)")
+    llama_cpp = require_llama_cpp()
     model_bin, tokenizer_bin, pieces, scores = llama2c_files
     run = import_llama2c(model_bin, tokenizer_bin, tmp_path / "run")
     out = export(run, "gguf", tmp_path / "gguf")

@@ -248,7 +248,7 @@ def test_save_then_load_gives_the_same_tokenizer(kind: str, bpe4096: BPETokenize
 
 
 def test_transformers_loads_the_saved_tokenizer(bpe4096: BPETokenizer, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers", reason="transformers is an optional (export) dependency")
+    import transformers  # in the dev extras
     bpe4096.save(tmp_path)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
     for text in ["Once upon a time, there was a dog.", "  two spaces\nnew line", "“quotes” é 😀"]:

@@ -35,6 +35,8 @@ def check_gguf_compatible(config: ModelConfig) -> None:
         (config.mlp != "swiglu", f"mlp={config.mlp!r} (llama's feed-forward is gated SiLU)"),
         (config.bias, "bias=True (this exporter writes no bias tensors)"),
         (config.sliding_window is not None, f"sliding_window={config.sliding_window} (llama attends to all positions)"),
+        (config.qk_norm, "qk_norm=True (llama has no query/key normalisation)"),
+        (config.logit_softcap is not None, f"logit_softcap={config.logit_softcap} (llama has no logit cap)"),
     ]
     for bad, field in problems:
         if bad:

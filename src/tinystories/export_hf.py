@@ -45,6 +45,10 @@ def hf_architecture(config: ModelConfig) -> str:
             (config.mlp != "swiglu", f"mlp={config.mlp!r} ({family}'s MLP is gated SiLU, i.e. swiglu)"),
             (family == "mistral" and config.bias, "bias=True (Mistral has no biases)"),
         ]
+    problems += [
+        (config.qk_norm, f"qk_norm=True ({family} has no query/key normalisation)"),
+        (config.logit_softcap is not None, f"logit_softcap={config.logit_softcap} ({family} has no logit cap)"),
+    ]
     for bad, field in problems:
         if bad:
             raise HFExportError(f"cannot export to hf as {target}: model config has {field}")

@@ -78,6 +78,8 @@ def check_llama2c_compatible(config: ModelConfig) -> None:
         (config.sliding_window is not None, f"sliding_window={config.sliding_window} (llama2.c attends to all positions)"),
         (config.rope_theta != ROPE_THETA, f"rope_theta={config.rope_theta:g} (run.c hard-codes 10000)"),
         (config.norm_eps != NORM_EPS, f"norm_eps={config.norm_eps:g} (run.c hard-codes 1e-5)"),
+        (config.qk_norm, "qk_norm=True (run.c has no query/key normalisation)"),
+        (config.logit_softcap is not None, f"logit_softcap={config.logit_softcap} (run.c has no logit cap)"),
     ]
     for bad, field in problems:
         if bad:
