@@ -180,7 +180,7 @@ def resolve_checkpoint(path: str | os.PathLike, which: str = "best") -> tuple[Pa
     """
     if which not in ("best", "last"):
         raise CheckpointError(f"--checkpoint must be 'best' or 'last', got {which!r}")
-    path = Path(path)
+    path = shipped_model_path(path) or Path(path)  # a shipped model's name (e.g. 'tiny') or a path
     if not path.exists():
         raise CheckpointError(f"{path}: no such run or checkpoint directory")
     if (path / WEIGHTS_FILE).is_file():
