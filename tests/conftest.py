@@ -1,8 +1,8 @@
 """Shared fixtures: where the TinyStories text and GPT-2 files are, and a small prepared shard dir.
 
-The text is never copied into the repository: tests read it from the shared folder
-(`$TINYSTORIES_DATA`, default `../shared/data/tinystories` from the repository root) and write any
-slices they need into pytest's temporary directories.
+Tests read TinyStories from `$TINYSTORIES_DATA` when it is set, else from the slice the package
+ships (`tinystories/assets/demo-corpus`, the one copy of TinyStories text in the repository), and
+write any slices they need into pytest's temporary directories.
 """
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ def write_story_file(path: Path, stories: list[str]) -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """Folder holding train.txt.gz and valid.txt.gz (skips the test when it is absent)."""
-    folder = _env_path("TINYSTORIES_DATA", "../shared/data/tinystories")
+    """Folder holding train.txt.gz and valid.txt.gz: $TINYSTORIES_DATA, else the bundled slice."""
+    from tinystories.data import bundled_corpus_dir
+
+    value = os.environ.get("TINYSTORIES_DATA")
+    folder = Path(value) if value else bundled_corpus_dir()
     if not (folder / "train.txt.gz").is_file() or not (folder / "valid.txt.gz").is_file():
-        pytest.skip(f"TinyStories text not found in {folder}; set TINYSTORIES_DATA")
+        pytest.fail(f"TinyStories text not found in {folder} (train.txt.gz, valid.txt.gz); fix TINYSTORIES_DATA")
     return folder
 
 

@@ -33,6 +33,20 @@ Shard directory layout (what `prepare` writes)
                     without separators, newlines between stories or EOT. Bits per byte of a split
                     is the summed loss in bits over its story tokens divided by this number.
 
+Default inputs
+    Without input files, `default_inputs` uses ``$TINYSTORIES_DATA`` (a folder) if set, else the
+    TinyStories slice bundled as package data (``tinystories/assets/demo-corpus/``: every story of
+    the project's 16,648-story train and 1,332-story validation files, gzip, with the
+    CDLA-Sharing-1.0 text and attribution), so nothing needs the network. The hub is one option
+    away (``data_source="hub"``, or `download`), and says how big its files are before fetching.
+
+Interrupted and concurrent runs
+    `prepare` writes under temporary names that carry its pid (``.train.bin.tmp-PID``) and holds
+    ``.prepare.lock`` in the output folder (an flock, which the kernel releases when the holder dies,
+    kill -9 included). A second prepare of the same folder while the first lives gets a one-line
+    DataError; the next run after a killed one removes the temporary files it left. No file takes
+    its final name before it is complete, and meta.json comes last.
+
 Validation split
     ``val_inputs`` gives validation files. Without them, a story goes to validation when the first
     8 bytes of BLAKE2b(story UTF-8) read as a fraction of 2**64 are below ``val_fraction`` (default
@@ -48,12 +62,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import zlib
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
@@ -61,7 +77,13 @@ import numpy as np
 
 from tinystories.errors import UserError
 from tinystories.files import write_json_atomic
-from tinystories.tokenizer import EOT, Tokenizer, available_cpus, make_tokenizer, parse_spec
+from tinystories.tokenizer import META_FILE as TOKENIZER_META_FILE
+from tinystories.tokenizer import TOKENIZER_FILE, EOT, Tokenizer, available_cpus, make_tokenizer, parse_spec
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "tinystories-shards-v1"
 LAYOUT = "EOT precedes every story: EOT s1 EOT s2 ... (flat token ids, no header)"
@@ -69,6 +91,12 @@ META_FILE = "meta.json"
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
 DEFAULT_VAL_FRACTION = 0.01
 ERROR_MODES = ("strict", "replace")
+LOCK_FILE = ".prepare.lock"  # in the output folder while a prepare writes it (see _locked_output_dir)
+# The temporary files prepare writes: `.train.bin.tmp-PID` here, `.meta.json.tmp-PID-HEX` in tinystories.files.
+_TEMPORARY_NAME = re.compile(
+    r"\.(%s)\.tmp-(\d+)(-[0-9a-f]+)?" % "|".join(
+        re.escape(name) for name in (*SPLIT_FILES.values(), META_FILE, TOKENIZER_FILE, TOKENIZER_META_FILE))
+)
 
 HUB_DATASET = "roneneldan/TinyStories"
 HUB_FILES = {
@@ -76,6 +104,9 @@ HUB_FILES = {
     "v2-gpt4": ("TinyStoriesV2-GPT4-train.txt", "TinyStoriesV2-GPT4-valid.txt"),
 }
 DEFAULT_HUB_VERSION = "v2-gpt4"
+DATA_SOURCES = ("bundled", "hub")  # where stories come from when no --input / $TINYSTORIES_DATA is given
+BUNDLED_CORPUS_FOLDER = "demo-corpus"  # under tinystories/assets/: the slice shipped as package data
+BUNDLED_FILES = ("train.txt.gz", "valid.txt.gz")
 # Short, so an offline machine fails in seconds instead of retrying for minutes.
 HUB_TIMEOUT_S = 10.0
 
@@ -317,19 +348,39 @@ def _check_errors_mode(errors: str) -> None:
         raise DataError(f"unknown --errors mode {errors!r}: use strict or replace")
 
 
-# --- default inputs and the Hugging Face hub -----------------------------------------------------
+# --- default inputs: $TINYSTORIES_DATA, the bundled slice, or the Hugging Face hub ----------------
 
 
-def default_inputs() -> tuple[list[Path], list[Path]]:
+def bundled_corpus_dir() -> Path:
+    """The TinyStories slice shipped as package data (train.txt.gz, valid.txt.gz, LICENSE, SOURCES.md)."""
+    return Path(__file__).resolve().parent / "assets" / BUNDLED_CORPUS_FOLDER
+
+
+def bundled_corpus() -> tuple[list[Path], list[Path]]:
+    """([train.txt.gz], [valid.txt.gz]) of the bundled slice; DataError if the install lacks them."""
+    train, val = (bundled_corpus_dir() / name for name in BUNDLED_FILES)
+    for path in (train, val):
+        if not path.is_file():
+            raise DataError(f"{path}: the bundled TinyStories slice is missing (broken install?); "
+                            "pass --input PATH or set TINYSTORIES_DATA")
+    return [train], [val]
+
+
+def default_inputs(source: str | None = None) -> tuple[list[Path], list[Path]]:
     """(train files, validation files) to use when the user names none.
 
-    With `$TINYSTORIES_DATA` set: the story files in that folder whose names contain 'train', and
-    those whose names contain 'valid' or 'val'. Otherwise the default hub version is downloaded.
+    `source` None: the story files of `$TINYSTORIES_DATA` if set (names containing 'train', and
+    'valid' or 'val'), else the bundled slice. 'bundled': the bundled slice. 'hub': download the
+    default hub version (`download`).
     """
+    if source not in (None, *DATA_SOURCES):
+        raise DataError(f"unknown --data-source {source!r}: use {' or '.join(DATA_SOURCES)}")
     folder = os.environ.get("TINYSTORIES_DATA")
-    if not folder:
+    if source == "hub":
         train_file, val_file = download()
         return [train_file], [val_file]
+    if source == "bundled" or not folder:
+        return bundled_corpus()
     files = find_story_files([folder])
     train = [path for path in files if "train" in path.name.lower()]
     val = [path for path in files if "val" in path.name.lower() and path not in train]
@@ -337,6 +388,13 @@ def default_inputs() -> tuple[list[Path], list[Path]]:
         names = ", ".join(path.name for path in files)
         raise DataError(f"TINYSTORIES_DATA={folder}: no file with 'train' in its name (found: {names})")
     return train, val
+
+
+def describe_inputs(train: Sequence[Path], val: Sequence[Path]) -> str:
+    """A short phrase saying where stories come from, e.g. 'the bundled TinyStories slice'."""
+    if [*train, *val] == [bundled_corpus_dir() / name for name in BUNDLED_FILES]:
+        return f"the bundled TinyStories slice ({bundled_corpus_dir()})"
+    return ", ".join(str(path) for path in [*train, *val])
 
 
 def _hub_offline() -> bool:
@@ -351,12 +409,14 @@ def download(
     *,
     endpoint: str | None = None,
     timeout: float = HUB_TIMEOUT_S,
+    progress: bool = True,
 ) -> list[Path]:
     """Fetch [train file, validation file] of TinyStories `version` ('v1' or 'v2-gpt4') from the hub.
 
     Files go to `out_dir` when given, else to the Hugging Face cache; a file already there is reused.
-    Offline (HF_HUB_OFFLINE=1 or no connection), fails within `timeout` seconds with a one-line
-    DataError that tells the user to pass local files instead.
+    Online, the files' sizes are asked of the hub first and printed (stderr) before anything is
+    fetched. Offline (HF_HUB_OFFLINE=1), only cached files are used, and a one-line DataError says
+    so otherwise; an unreachable hub fails within `timeout` seconds, also with one line.
     """
     if version not in HUB_FILES:
         raise DataError(f"unknown TinyStories version {version!r}: use {' or '.join(HUB_FILES)}")
@@ -365,40 +425,72 @@ def download(
     except ImportError:
         raise DataError("huggingface_hub is not installed; pass local files with --input") from None
     offline = _hub_offline()
-    paths: list[Path] = []
-    for filename in HUB_FILES[version]:
-        try:
-            if not offline:
-                _check_hub_reachable(huggingface_hub, dataset, filename, endpoint, timeout)
-            local = huggingface_hub.hf_hub_download(
-                dataset,
-                filename,
-                repo_type="dataset",
-                local_dir=out_dir,
-                endpoint=endpoint,
-                etag_timeout=timeout,
-                local_files_only=offline,
-            )
-        except Exception as error:  # network, HTTP, offline-mode and cache errors all end here
-            reason = "offline mode (HF_HUB_OFFLINE is set)" if offline else _first_line(error)
-            raise DataError(
-                f"cannot download {filename} from the Hugging Face hub ({dataset}): {reason}; "
-                "pass local story files with --input PATH (or set TINYSTORIES_DATA to a folder of them)"
-            ) from None
-        paths.append(Path(local))
-    return paths
+    filenames = HUB_FILES[version]
+    if offline:
+        paths = [_hub_download(huggingface_hub, dataset, name, out_dir, endpoint, timeout, True) for name in filenames]
+        _say(progress, f"tinystories: HF_HUB_OFFLINE is set: using the cached {' and '.join(filenames)} "
+                       "(the hub was not asked)")
+        return paths
+    sizes = [_hub_file_size(huggingface_hub, dataset, name, endpoint, timeout) for name in filenames]
+    _say(progress, _download_announcement(dataset, filenames, sizes))
+    return [_hub_download(huggingface_hub, dataset, name, out_dir, endpoint, timeout, False) for name in filenames]
 
 
-def _check_hub_reachable(hub: Any, dataset: str, filename: str, endpoint: str | None, timeout: float) -> None:
-    """One HEAD request without retries, so an unreachable hub fails in `timeout` seconds.
+def _hub_download(hub: Any, dataset: str, filename: str, out_dir: str | os.PathLike | None,
+                  endpoint: str | None, timeout: float, offline: bool) -> Path:
+    """One file through `hf_hub_download` (which reuses a cached or already downloaded copy)."""
+    try:
+        return Path(hub.hf_hub_download(dataset, filename, repo_type="dataset", local_dir=out_dir,
+                                        endpoint=endpoint, etag_timeout=timeout, local_files_only=offline))
+    except Exception as error:  # network, HTTP, offline-mode and cache errors all end here
+        reason = (
+            "offline mode (HF_HUB_OFFLINE is set): no cached copy, and the hub cannot be asked for it or its size"
+            if offline else _first_line(error)
+        )
+        raise _download_error(dataset, filename, reason) from None
 
-    `hf_hub_download` alone retries for about a minute when nothing is cached yet.
+
+def _hub_file_size(hub: Any, dataset: str, filename: str, endpoint: str | None, timeout: float) -> int | None:
+    """The file's size in bytes from one HEAD request without retries (None if the hub does not say).
+
+    Also the reachability check: `hf_hub_download` alone retries for about a minute when nothing is
+    cached yet, this fails in `timeout` seconds.
     """
     url = hub.hf_hub_url(dataset, filename, repo_type="dataset", endpoint=endpoint)
     try:
-        hub.get_hf_file_metadata(url, timeout=timeout, retry_on_errors=False)
-    except TypeError:  # huggingface_hub before `retry_on_errors` existed did not retry HEAD requests
-        hub.get_hf_file_metadata(url, timeout=timeout)
+        try:
+            metadata = hub.get_hf_file_metadata(url, timeout=timeout, retry_on_errors=False)
+        except TypeError:  # huggingface_hub before `retry_on_errors` existed did not retry HEAD requests
+            metadata = hub.get_hf_file_metadata(url, timeout=timeout)
+    except Exception as error:  # unreachable, HTTP 404, proxy errors ...
+        raise _download_error(dataset, filename, _first_line(error)) from None
+    return metadata.size
+
+
+def _download_announcement(dataset: str, filenames: Sequence[str], sizes: Sequence[int | None]) -> str:
+    """One line: what is about to be fetched and how big it is."""
+    parts = [f"{name} ({_human_bytes(size)})" for name, size in zip(filenames, sizes)]
+    known = [size for size in sizes if size is not None]
+    total = f", {_human_bytes(sum(known))} in all" if len(known) == len(sizes) else ""
+    return f"tinystories: downloading from the Hugging Face hub ({dataset}): {', '.join(parts)}{total}"
+
+
+def _human_bytes(size: int | None) -> str:
+    """'2.23 GB' style (powers of 1000), or 'size unknown'."""
+    if size is None:
+        return "size unknown"
+    exponent = min(4, (len(str(size)) - 1) // 3)  # 1000**exponent <= size, capped at TB
+    if exponent == 0:
+        return f"{size} bytes"
+    return f"{size / 1000**exponent:.2f} {('kB', 'MB', 'GB', 'TB')[exponent - 1]}"
+
+
+def _download_error(dataset: str, filename: str, reason: str) -> DataError:
+    return DataError(
+        f"cannot download {filename} from the Hugging Face hub ({dataset}): {reason}; pass local story "
+        "files with --input PATH (or set TINYSTORIES_DATA to a folder of them), or leave both out to "
+        "use the bundled TinyStories slice"
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -540,6 +632,97 @@ def _stories_with_progress(
         progress.close()
 
 
+def prepare(
+    inputs: Sequence[str | os.PathLike] | None,
+    out_dir: str | os.PathLike,
+    tokenizer_spec: str = "bpe:4096",
+    val_inputs: Sequence[str | os.PathLike] | None = None,
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    errors: str = "strict",
+    progress: bool = True,
+    gpt2_dir: str | os.PathLike | None = None,
+    data_source: str | None = None,
+) -> dict[str, Any]:
+    """Tokenize stories into `out_dir` (train.bin, val.bin, tokenizer, meta.json); return the meta.
+
+    `inputs` are training files/folders (None: `default_inputs(data_source)`, i.e. $TINYSTORIES_DATA,
+    else the bundled slice, or the hub with data_source='hub'; it also supplies validation files).
+    `tokenizer_spec` is 'bpe:N', 'gpt2', 'bytes' or the path of an existing tokenizer. Without
+    `val_inputs`, `val_fraction` of the stories are held out (see module docstring). A rerun with the
+    same input contents and options finds the fingerprint in meta.json and returns at once.
+    Bad input raises DataError/TokenizerError before anything is written; files appear under their
+    final names only once complete, meta.json last. One prepare at a time writes `out_dir` (another
+    gets a DataError), and each run first removes what a killed predecessor left behind.
+    """
+    _check_errors_mode(errors)
+    if inputs is None:
+        inputs, default_val = default_inputs(data_source)
+        if val_inputs is None and default_val:
+            val_inputs = default_val
+    job = _plan(inputs, val_inputs, tokenizer_spec, val_fraction, errors, gpt2_dir)
+    out_dir = Path(out_dir)
+    created = _prepare_output_dir(out_dir)
+    try:
+        with _locked_output_dir(out_dir):
+            _remove_stale_temporaries(out_dir, progress)
+            meta = _is_up_to_date(out_dir, job.fingerprint)
+            if meta is not None:
+                _say(progress, f"tinystories: {out_dir} is up to date (same inputs and options); skipping")
+                return meta
+            meta = _build_shards(job, out_dir, progress)
+    except BaseException:
+        _remove_created_dirs(out_dir, created)
+        raise
+    _say(progress, _summary(out_dir, meta))
+    return meta
+
+
+@dataclass
+class _PrepareJob:
+    """What `prepare` settled before writing anything: checked inputs, tokenizer and options."""
+
+    train_files: list[Path]
+    val_files: list[Path]
+    tokenizer_spec: str
+    tokenizer: Tokenizer | None  # None: a BPE still to be trained on the training split
+    holdout: float | None  # fraction of train held out for validation; None with validation files
+    errors: str
+    sources: dict[str, list[dict[str, Any]]]  # per split: [{path, sha256, size}]
+    fingerprint: str  # of everything that decides the output (see `_is_up_to_date`)
+
+
+def _plan(
+    inputs: Sequence[str | os.PathLike],
+    val_inputs: Sequence[str | os.PathLike] | None,
+    tokenizer_spec: str,
+    val_fraction: float,
+    errors: str,
+    gpt2_dir: str | os.PathLike | None,
+) -> _PrepareJob:
+    """Check the options, the tokenizer and every input file, so bad input fails before any write."""
+    if not val_inputs and not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    kind, bpe_vocab_size = parse_spec(tokenizer_spec)
+    # Load or build a non-trained tokenizer now: a bad path or missing GPT-2 files fail early.
+    tokenizer = None if kind == "bpe" else make_tokenizer(tokenizer_spec, gpt2_dir=gpt2_dir)
+    train_files = find_story_files(inputs)
+    val_files = find_story_files(val_inputs) if val_inputs else []
+    _check_files_readable(train_files + val_files, errors)
+    sources = {"train": _source_entries(train_files), "val": _source_entries(val_files)}
+    holdout = None if val_files else val_fraction
+    options = {
+        "format": FORMAT,
+        "tokenizer": f"bpe:{bpe_vocab_size}" if tokenizer is None else _tokenizer_identity(tokenizer),
+        "train": [entry["sha256"] for entry in sources["train"]],
+        "val": [entry["sha256"] for entry in sources["val"]],
+        "val_fraction": holdout,
+        "errors": errors,
+    }
+    return _PrepareJob(train_files, val_files, tokenizer_spec, tokenizer, holdout, errors, sources,
+                       _fingerprint(options))
+
+
 def _check_files_readable(files: Sequence[Path], errors: str) -> None:
     """Read the first story of each file, so bad input fails before anything is written."""
     for path in files:
@@ -548,6 +731,26 @@ def _check_files_readable(files: Sequence[Path], errors: str) -> None:
             next(stories)
         finally:
             stories.close()
+
+
+def _source_entries(files: Sequence[Path]) -> list[dict[str, Any]]:
+    return [{"path": str(path), "sha256": file_sha256(path), "size": path.stat().st_size} for path in files]
+
+
+def _tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
+    """What identifies a ready tokenizer in the fingerprint: its meta and its tokenizer.json hash."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save(folder)
+        tokenizer_json = Path(folder) / "tokenizer.json"
+        digest = file_sha256(tokenizer_json) if tokenizer_json.exists() else None
+    return {**tokenizer.meta(), "tokenizer_json_sha256": digest}
+
+
+def _fingerprint(options: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+# --- the output folder: created, locked, cleaned ---------------------------------------------------
 
 
 def _prepare_output_dir(out_dir: Path) -> Path | None:
@@ -581,8 +784,79 @@ def _remove_created_dirs(out_dir: Path, created: Path | None) -> None:
             return
 
 
-def _fingerprint(options: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(options, sort_keys=True).encode("utf-8")).hexdigest()
+@contextmanager
+def _locked_output_dir(out_dir: Path) -> Iterator[None]:
+    """Hold `out_dir/.prepare.lock` for the block; a DataError at once if a live prepare holds it.
+
+    An flock belongs to the open file, and the kernel drops it when its holder exits, kill -9
+    included: a held lock always means a live writer, and a lock file a dead run left behind is
+    simply locked again. The file is removed on the way out, so the folder ends as clean as it began.
+    """
+    path = out_dir / LOCK_FILE
+    handle = _acquire_lock(path, out_dir)
+    try:
+        yield
+    finally:
+        # Unlink while still locked: a waiter that opened this file sees it is gone and retries.
+        path.unlink(missing_ok=True)
+        handle.close()
+
+
+def _acquire_lock(path: Path, out_dir: Path) -> IO[str]:
+    """The open, flock-ed lock file with our pid in it (retried if a finishing holder unlinked it)."""
+    while True:
+        try:
+            handle = open(path, "a+", encoding="ascii")  # "a+": never truncate a holder's pid
+        except OSError as error:
+            raise DataError(f"output directory {out_dir}: cannot create {LOCK_FILE} "
+                            f"({error.strerror or error})") from None
+        if fcntl is None:  # no flock (Windows): run unlocked
+            return handle
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(handle)
+            handle.close()
+            raise DataError(
+                f"output directory {out_dir}: another `tinystories data prepare` ({holder}) is writing it "
+                "right now; wait for it to finish or choose another --out"
+            ) from None
+        if _still_linked(handle, path):
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            return handle
+        handle.close()
+
+
+def _lock_holder(handle: IO[str]) -> str:
+    """'pid N' as the lock's holder wrote it ('pid unknown' in the instant before it writes)."""
+    handle.seek(0)
+    text = handle.read().strip()
+    return f"pid {text}" if text.isdigit() else "pid unknown"
+
+
+def _still_linked(handle: IO[str], path: Path) -> bool:
+    """Whether `path` still names the file `handle` has open (not unlinked or replaced since)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _remove_stale_temporaries(out_dir: Path, progress: bool) -> None:
+    """Delete the temporary files that a killed prepare left in `out_dir` (`.train.bin.tmp-PID`, ...).
+
+    Called with the lock held, so no live prepare writes here and every such file is stale. (Checking
+    the pid in the name alone could not tell: a dead run's pid may belong to another process by now.)
+    """
+    stale = [path for path in out_dir.iterdir() if _TEMPORARY_NAME.fullmatch(path.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        pids = sorted({_TEMPORARY_NAME.fullmatch(path.name).group(2) for path in stale}, key=int)
+        _say(progress, f"tinystories: removed {len(stale)} temporary file(s) that an interrupted prepare "
+                       f"(pid {', '.join(pids)}) left in {out_dir}")
 
 
 def _is_up_to_date(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -591,9 +865,9 @@ def _is_up_to_date(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
         meta = load_meta(out_dir)
     except DataError:
         return None
-    if meta.get("fingerprint") != fingerprint or not (out_dir / "tokenizer_meta.json").is_file():
+    if meta.get("fingerprint") != fingerprint or not (out_dir / TOKENIZER_META_FILE).is_file():
         return None
-    if meta.get("tokenizer_kind") != "bytes" and not (out_dir / "tokenizer.json").is_file():
+    if meta.get("tokenizer_kind") != "bytes" and not (out_dir / TOKENIZER_FILE).is_file():
         return None
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in meta["splits"].values():
@@ -603,117 +877,40 @@ def _is_up_to_date(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     return meta
 
 
-def _source_entries(files: Sequence[Path]) -> list[dict[str, Any]]:
-    return [{"path": str(path), "sha256": file_sha256(path), "size": path.stat().st_size} for path in files]
+# --- writing the shards --------------------------------------------------------------------------
 
 
-def prepare(
-    inputs: Sequence[str | os.PathLike] | None,
-    out_dir: str | os.PathLike,
-    tokenizer_spec: str = "bpe:4096",
-    val_inputs: Sequence[str | os.PathLike] | None = None,
-    *,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    errors: str = "strict",
-    progress: bool = True,
-    gpt2_dir: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """Tokenize stories into `out_dir` (train.bin, val.bin, tokenizer, meta.json); return the meta.
-
-    `inputs` are training files/folders (None: `default_inputs()`, which also supplies validation
-    files). `tokenizer_spec` is 'bpe:N', 'gpt2', 'bytes' or the path of an existing tokenizer. Without
-    `val_inputs`, `val_fraction` of the stories are held out (see module docstring). A rerun with the
-    same input contents and options finds the fingerprint in meta.json and returns at once.
-    Bad input raises DataError/TokenizerError before anything is written; files appear under their
-    final names only once complete, meta.json last.
-    """
-    _check_errors_mode(errors)
-    if inputs is None:
-        inputs, default_val = default_inputs()
-        if val_inputs is None and default_val:
-            val_inputs = default_val
-    if not val_inputs and not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    out_dir = Path(out_dir)
-    kind, bpe_vocab_size = parse_spec(tokenizer_spec)
-    # Load or build a non-trained tokenizer now: a bad path or missing GPT-2 files fail early.
-    tokenizer = None if kind == "bpe" else make_tokenizer(tokenizer_spec, gpt2_dir=gpt2_dir)
-    train_files = find_story_files(inputs)
-    val_files = find_story_files(val_inputs) if val_inputs else []
-    _check_files_readable(train_files + val_files, errors)
-    created = _prepare_output_dir(out_dir)
-
-    sources = {"train": _source_entries(train_files), "val": _source_entries(val_files)}
-    holdout = None if val_files else val_fraction
-    options = {
-        "format": FORMAT,
-        "tokenizer": f"bpe:{bpe_vocab_size}" if tokenizer is None else _tokenizer_identity(tokenizer),
-        "train": [entry["sha256"] for entry in sources["train"]],
-        "val": [entry["sha256"] for entry in sources["val"]],
-        "val_fraction": holdout,
-        "errors": errors,
-    }
-    fingerprint = _fingerprint(options)
-    existing = _is_up_to_date(out_dir, fingerprint)
-    if existing is not None:
-        _say(progress, f"tinystories: {out_dir} is up to date (same inputs and options); skipping")
-        return existing
-
+def _build_shards(job: _PrepareJob, out_dir: Path, progress: bool) -> dict[str, Any]:
+    """Train the tokenizer if needed, encode both splits into temporary files, publish; the meta."""
     temporaries: list[Path] = []
     try:
-        if tokenizer is None:
-            training = _stories_with_progress(train_files, errors, f"training {tokenizer_spec}", progress)
-            if holdout is not None:
-                training = (story for story in training if not held_out_for_validation(story, holdout))
-            tokenizer = make_tokenizer(tokenizer_spec, training)
-        splits = _write_shards(tokenizer, train_files, val_files, holdout, out_dir, errors, progress, temporaries)
-        meta = {
-            "format": FORMAT,
-            "layout": LAYOUT,
-            "tokenizer": tokenizer.spec,
-            "tokenizer_kind": tokenizer.kind,
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "dtype": token_dtype(tokenizer.vocab_size).name,
-            "splits": splits,
-            "validation": {"source": "held_out" if holdout is not None else "files", "fraction": holdout},
-            "sources": sources,
-            "errors": errors,
-            "fingerprint": fingerprint,
-        }
+        tokenizer = _train_bpe(job, progress) if job.tokenizer is None else job.tokenizer
+        splits = _write_shards(tokenizer, job, out_dir, progress, temporaries)
+        meta = _shard_meta(job, tokenizer, splits)
         _publish(out_dir, tokenizer, temporaries, meta)
     except BaseException:
         for path in temporaries:
             path.unlink(missing_ok=True)
-        _remove_created_dirs(out_dir, created)
         raise
-    _say(progress, _summary(out_dir, meta))
     return meta
 
 
-def _tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
-    """What identifies a ready tokenizer in the fingerprint: its meta and its tokenizer.json hash."""
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save(folder)
-        tokenizer_json = Path(folder) / "tokenizer.json"
-        digest = file_sha256(tokenizer_json) if tokenizer_json.exists() else None
-    return {**tokenizer.meta(), "tokenizer_json_sha256": digest}
+def _train_bpe(job: _PrepareJob, progress: bool) -> Tokenizer:
+    """The job's BPE, trained on the training split only (held-out stories left out)."""
+    training = _stories_with_progress(job.train_files, job.errors, f"training {job.tokenizer_spec}", progress)
+    if job.holdout is not None:
+        holdout = job.holdout
+        training = (story for story in training if not held_out_for_validation(story, holdout))
+    return make_tokenizer(job.tokenizer_spec, training)
 
 
 def _write_shards(
-    tokenizer: Tokenizer,
-    train_files: Sequence[Path],
-    val_files: Sequence[Path],
-    holdout: float | None,
-    out_dir: Path,
-    errors: str,
-    progress: bool,
-    temporaries: list[Path],
+    tokenizer: Tokenizer, job: _PrepareJob, out_dir: Path, progress: bool, temporaries: list[Path]
 ) -> dict[str, dict[str, Any]]:
     """Encode both splits into temporary files (listed in `temporaries`); return per-split stats.
 
     Encoding runs on one thread per core (tiktoken and tokenizers release the GIL) while this
-    thread reads and splits stories.
+    thread reads and splits stories. Temporary names carry our pid: `.train.bin.tmp-PID`.
     """
     dtype = token_dtype(tokenizer.vocab_size)
     threads = available_cpus()
@@ -724,14 +921,7 @@ def _write_shards(
                 temporary = out_dir / f".{name}.tmp-{os.getpid()}"
                 temporaries.append(temporary)
                 writers[split] = _SplitWriter(temporary, name, tokenizer, dtype, pool, threads * _IN_FLIGHT_PER_THREAD)
-            for story in _stories_with_progress(list(train_files), errors, "encoding train", progress):
-                if holdout is not None and held_out_for_validation(story, holdout):
-                    writers["val"].add(story, _utf8_size(story))
-                else:
-                    writers["train"].add(story, _utf8_size(story))
-            if val_files:
-                for story in _stories_with_progress(list(val_files), errors, "encoding val", progress):
-                    writers["val"].add(story, _utf8_size(story))
+            _route_stories(job, writers, progress)
             for writer in writers.values():
                 writer.finish()
         finally:
@@ -741,10 +931,38 @@ def _write_shards(
         raise DataError("no training stories left: every story fell into the validation hold-out")
     if writers["val"].stories == 0:
         raise DataError(
-            f"no story fell into the validation hold-out ({holdout} of {writers['train'].stories} stories); "
+            f"no story fell into the validation hold-out ({job.holdout} of {writers['train'].stories} stories); "
             "pass --val-input or a larger --val-fraction"
         )
     return {split: writer.stats() for split, writer in writers.items()}
+
+
+def _route_stories(job: _PrepareJob, writers: dict[str, _SplitWriter], progress: bool) -> None:
+    """Every story to its split's writer: train files (less the hold-out), then validation files."""
+    for story in _stories_with_progress(job.train_files, job.errors, "encoding train", progress):
+        held_out = job.holdout is not None and held_out_for_validation(story, job.holdout)
+        writers["val" if held_out else "train"].add(story, _utf8_size(story))
+    if job.val_files:
+        for story in _stories_with_progress(job.val_files, job.errors, "encoding val", progress):
+            writers["val"].add(story, _utf8_size(story))
+
+
+def _shard_meta(job: _PrepareJob, tokenizer: Tokenizer, splits: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """meta.json's content (keys in the module docstring)."""
+    return {
+        "format": FORMAT,
+        "layout": LAYOUT,
+        "tokenizer": tokenizer.spec,
+        "tokenizer_kind": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "splits": splits,
+        "validation": {"source": "held_out" if job.holdout is not None else "files", "fraction": job.holdout},
+        "sources": job.sources,
+        "errors": job.errors,
+        "fingerprint": job.fingerprint,
+    }
 
 
 def _publish(out_dir: Path, tokenizer: Tokenizer, temporaries: Sequence[Path], meta: dict[str, Any]) -> None:
