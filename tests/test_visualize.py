@@ -156,7 +156,8 @@ def test_cli_params_table_sums_to_the_preset_count(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("diagram", "--out", "x.png"), "either a run directory or --preset"),
+    (("diagram", "--out", "x.png"), "or --preset NAME: one of them"),
+    (("inspect", "params", "RUN", "--preset", "tiny"), "or --preset NAME: one of them"),
     (("diagram", "--preset", "nope", "--out", "x.png"), "unknown preset"),
     (("diagram", "--preset", "tiny", "--out", "x.txt"), "expected a .png"),
     (("inspect", "attention", "RUN", "--prompt", "Hi", "--layer", "7", "--out", "x.png"), "--layer 7"),

@@ -226,6 +226,18 @@ def draw_architecture(config: ModelConfig, path: str | os.PathLike, title: str |
     return save_figure(figure, path)
 
 
+def model_config_of(model: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a run directory, a checkpoint directory or a shipped model's name, read
+    from its config.json (no weights are loaded; a run needs no checkpoint yet)."""
+    from tinystories.checkpoint import CONFIG_FILE, load_run_config, resolve_checkpoint, shipped_model_path
+
+    path = shipped_model_path(model) or Path(model)
+    if (path / CONFIG_FILE).is_file():
+        return load_run_config(path).model
+    _, home = resolve_checkpoint(path)
+    return load_run_config(home).model
+
+
 def attention_figure(run: str | os.PathLike, prompt: str, path: str | os.PathLike, layer: int | None = None,
                      checkpoint: str = "best", max_tokens: int = 24) -> Path:
     """Load a run, encode `prompt` (after the EOT every story starts with, cut to `max_tokens`),

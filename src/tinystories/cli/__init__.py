@@ -2,6 +2,7 @@
 
 Each sub-command lives in its own module under `tinystories/cli/` with two functions:
 `register(subparsers)` adds its parser and sets `func=run`; `run(args) -> int` calls library code.
+What several commands share (the model argument) is in `tinystories.cli.common`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,17 @@ COMMAND_MODULES = [
 ]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a command line it cannot parse gives one line on stderr (what is wrong and where
+    the command's --help is) and exit code 2, like every other bad input; sub-command parsers are
+    made of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"tinystories: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="tinystories",
         description="Train small GPT-style language models on TinyStories, then sample, evaluate, serve and export them.",
     )

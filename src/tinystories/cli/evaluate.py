@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tinystories.cli.common import add_model_arguments, chosen_model
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -14,8 +16,7 @@ def register(subparsers) -> None:
                     "or on raw text (--input FILE: .txt/.gz/.jsonl/.parquet, tokenized with the model's own "
                     "tokenizer, so any two models compare on the same text), then sample --samples stories "
                     "and measure their diversity. Bits per byte = summed nats / ln 2 / UTF-8 bytes of the stories.")
-    parser.add_argument("run", metavar="RUN", help="run directory, checkpoint directory or shipped model name")
-    parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of RUN")
+    add_model_arguments(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="DIR", help="prepared shards (default: the run's own data directory)")
     source.add_argument("--input", metavar="FILE", nargs="+", help="raw story files or folders")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = vars(SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p))  # checks the options before the model loads
     sampling.pop("seed")
-    lm = load_model(args.run, checkpoint=args.checkpoint, device=args.device, quantize=args.quantize)
+    lm = load_model(chosen_model(args), checkpoint=args.checkpoint, device=args.device, quantize=args.quantize)
 
     results: dict = {}
     if args.input:

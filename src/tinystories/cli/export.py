@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tinystories.cli.common import add_model_arguments, chosen_model
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser(
@@ -11,10 +13,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Export a run so other tools can use it: hf (transformers: Llama, Mistral or GPT-2 class), "
                     "gguf (llama.cpp, Llama-style models), llama2c (karpathy's run.c: model.bin + tokenizer.bin), "
                     "safetensors (a self-contained directory tinystories loads).")
-    export.add_argument("run", help="run directory, checkpoint directory or shipped model name")
+    add_model_arguments(export)
     export.add_argument("--format", required=True, help="hf | gguf | llama2c | safetensors")
-    export.add_argument("--out", required=True, help="output directory (created; must be new or empty)")
-    export.add_argument("--checkpoint", default="best", help="best | last (default: best)")
+    export.add_argument("--out", required=True,
+                        help="output directory (created; must be new or empty); for gguf also a file name ending "
+                             "in .gguf")
     export.add_argument("--dtype", default="float32", help="float32 | float16 (hf, safetensors also bfloat16)")
     export.add_argument("--force", action="store_true", help="replace --out if it exists")
     export.set_defaults(func=run_export)
@@ -34,8 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from tinystories.export import export
 
-    out = export(args.run, args.format, args.out, checkpoint=args.checkpoint, dtype=args.dtype, force=args.force)
-    print(f"exported {args.run} as {args.format} ({args.dtype}) to {out}")
+    model = chosen_model(args)
+    out = export(model, args.format, args.out, checkpoint=args.checkpoint, dtype=args.dtype, force=args.force)
+    print(f"exported {model} as {args.format} ({args.dtype}) to {out}")
     return 0
 
 

@@ -10,16 +10,16 @@ import argparse
 import sys
 import time
 
+from tinystories.cli.common import add_model_arguments, chosen_model
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", help="sample stories from a trained model",
-        description="Continue a prompt with a trained model. RUN is a run directory or a checkpoint directory; "
-                    "--model NAME loads a model shipped with the package. --temperature 0 is greedy decoding. "
+        description="Continue a prompt with a trained model. RUN (or --model RUN) is a run directory, a "
+                    "checkpoint directory or a model shipped with the package. --temperature 0 is greedy decoding. "
                     "An empty prompt starts a story from scratch (from <|endoftext|>).")
-    parser.add_argument("run", nargs="?", metavar="RUN", help="run directory or checkpoint directory")
-    parser.add_argument("--model", metavar="NAME", help="a shipped model name (e.g. tiny) instead of RUN")
-    parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of RUN")
+    add_model_arguments(parser, default="tiny")
     parser.add_argument("--prompt", default="", help="text to continue (default: empty, a new story)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
@@ -41,14 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from tinystories.errors import UserError
     from tinystories.generate import SamplingConfig, load_model
 
-    if args.run and args.model:
-        raise UserError("give either RUN or --model NAME, not both")
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                               stop=tuple(args.stop))
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
-    lm = load_model(args.run or args.model or "tiny", checkpoint=args.checkpoint, device=args.device,
+    lm = load_model(chosen_model(args, default="tiny"), checkpoint=args.checkpoint, device=args.device,
                     quantize=args.quantize)
     options = vars(sampling)
     out = sys.stdout

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from tinystories.cli.common import add_model_arguments, chosen_model
+
 PARTS = ("embeddings", "positions", "attention", "mlp", "norms", "head")
 
 
@@ -18,7 +20,7 @@ def register(subparsers) -> None:
         "diagram", help="draw a model's architecture (matplotlib figure)",
         description="Draw the transformer a preset or a run describes: embeddings, the repeated block "
                     "(norm, attention, norm, MLP, residuals), head; with shapes and parameter counts.")
-    diagram.add_argument("run", nargs="?", metavar="RUN", help="a run directory (uses its config.json)")
+    add_model_arguments(diagram, checkpoint=False)
     diagram.add_argument("--preset", metavar="NAME", help="a preset name instead of RUN")
     diagram.add_argument("--out", required=True, metavar="FILE", help="output figure (.png, .svg or .pdf)")
     diagram.set_defaults(func=run_diagram)
@@ -29,33 +31,34 @@ def register(subparsers) -> None:
     attention = what.add_parser("attention", help="heat maps of a trained model's attention on a prompt",
                                 description="Run RUN on PROMPT and draw every head's attention weights: one "
                                             "panel per head of --layer, or a layers x heads grid.")
-    attention.add_argument("run", metavar="RUN", help="run directory or checkpoint directory")
+    add_model_arguments(attention)
     attention.add_argument("--prompt", required=True, help="text to look at (a story's first sentence)")
     attention.add_argument("--out", required=True, metavar="FILE", help="output figure (.png, .svg or .pdf)")
     attention.add_argument("--layer", type=int, default=None, help="one layer (0-based; default: all layers)")
     attention.add_argument("--max-tokens", type=int, default=24, help="cut the prompt to this many tokens")
-    attention.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of RUN")
     attention.set_defaults(func=run_attention)
 
     params = what.add_parser("params", help="parameter count per part of the model",
                              description="Parameters in embeddings, positions, attention, MLP, norms and "
                                          "the output head, for a preset or a run.")
-    params.add_argument("run", nargs="?", metavar="RUN", help="a run directory (uses its config.json)")
+    add_model_arguments(params, checkpoint=False)
     params.add_argument("--preset", metavar="NAME", help="a preset name instead of RUN")
     params.set_defaults(func=run_params)
 
 
 def _model_config(args: argparse.Namespace):
+    """The ModelConfig of --preset NAME, or of the model RUN / --model names."""
     from tinystories.config import get_preset
     from tinystories.errors import UserError
+    from tinystories.visualize import model_config_of
 
-    if (args.run is None) == (args.preset is None):
-        raise UserError("give either a run directory or --preset NAME (one of them)")
+    given_model = args.run is not None or args.model is not None
+    if given_model == (args.preset is not None):
+        raise UserError("give either a model (RUN or --model RUN: a run directory, a checkpoint directory or a "
+                        "shipped model's name) or --preset NAME: one of them")
     if args.preset is not None:
         return get_preset(args.preset).model
-    from tinystories.checkpoint import load_run_config
-
-    return load_run_config(args.run).model
+    return model_config_of(chosen_model(args))
 
 
 def run_diagram(args: argparse.Namespace) -> int:
@@ -68,7 +71,7 @@ def run_diagram(args: argparse.Namespace) -> int:
 def run_attention(args: argparse.Namespace) -> int:
     from tinystories.visualize import attention_figure
 
-    print(attention_figure(args.run, args.prompt, args.out, layer=args.layer, checkpoint=args.checkpoint,
+    print(attention_figure(chosen_model(args), args.prompt, args.out, layer=args.layer, checkpoint=args.checkpoint,
                            max_tokens=args.max_tokens))
     return 0
 

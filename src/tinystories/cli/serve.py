@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tinystories.cli.common import add_model_arguments, chosen_model
 from tinystories.errors import UserError
 
 DEFAULT_MAX_TOKENS_LIMIT = 1024  # the same as tinystories.serve's; repeated so `--help` imports no server code
@@ -18,12 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "GET /v1/models, GET /health, and a web page at /. Listens on 127.0.0.1 only "
                     "unless --host says otherwise.",
     )
-    parser.add_argument("run", nargs="?", metavar="RUN",
-                        help="a run directory or checkpoint directory (default: the shipped model 'tiny')")
-    parser.add_argument("--model", metavar="NAME",
-                        help="a shipped model name instead of RUN (e.g. tiny); also the name the API reports")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                        help="which checkpoint of RUN to serve (default: best)")
+    add_model_arguments(parser, default="tiny")  # the API reports --model's value, else the run's name
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1; 0.0.0.0 exposes the server to the network)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
@@ -46,8 +42,6 @@ def served_name(run_path: str | None, model: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.run and args.model:
-        raise UserError("give either RUN or --model NAME, not both")
     if args.max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit must be a positive integer, got {args.max_tokens_limit}")
     if not 0 <= args.port <= 65535:
@@ -59,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                         "pip install 'tinystories[serve]'") from None
     from tinystories.generate import load_model
 
-    language_model = load_model(args.model or args.run or "tiny", checkpoint=args.checkpoint, device=args.device)
+    language_model = load_model(chosen_model(args, default="tiny"), checkpoint=args.checkpoint, device=args.device)
     serve(language_model, served_name(args.run, args.model), host=args.host, port=args.port,
           max_tokens_limit=args.max_tokens_limit)
     return 0
