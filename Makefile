@@ -5,6 +5,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 TINYSTORIES_DATA ?=
+# Where `make demo` reads stories: empty = $(TINYSTORIES_DATA) if set, else the slice bundled with the
+# package (offline); DATA_SOURCE=hub downloads TinyStories from the Hugging Face hub instead.
+DATA_SOURCE ?=
 DEMO_OUT ?= out/demo
 DEMO_MINUTES ?= 15
 
@@ -27,7 +30,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	TINYSTORIES_DATA="$(TINYSTORIES_DATA)" $(BIN)/python -m tinystories demo --out $(DEMO_OUT) --max-minutes $(DEMO_MINUTES)
+	TINYSTORIES_DATA="$(TINYSTORIES_DATA)" $(BIN)/python -m tinystories demo --out $(DEMO_OUT) --max-minutes $(DEMO_MINUTES) $(if $(DATA_SOURCE),--data-source $(DATA_SOURCE))
 
 test: install-dev
 	$(BIN)/python -m pytest

@@ -2,12 +2,13 @@
 
 `tinystories demo` (and `make demo`) call `run_demo`. Each stage is an ordinary library call, so this file
 doubles as a map of the pipeline. Every stage reuses its output when re-run: prepared shards are
-fingerprinted and a finished training run is resumed (and so returns at once).
+fingerprinted and a finished training run is resumed (and so returns at once). Without input files the
+stories come from $TINYSTORIES_DATA, else from the TinyStories slice bundled with the package, so the
+demo runs offline; `data_source="hub"` downloads TinyStories from the Hugging Face hub instead.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,8 +20,9 @@ from tinystories.config import RunConfig, apply_overrides
 @dataclass
 class DemoOptions:
     out: Path = Path("out/demo")
-    inputs: list[str] | None = None  # raw training text; None: $TINYSTORIES_DATA, else the hub
+    inputs: list[str] | None = None  # raw training text; None: $TINYSTORIES_DATA, else the bundled slice
     val_inputs: list[str] | None = None
+    data_source: str | None = None  # without inputs: 'bundled' or 'hub' (see tinystories.data.default_inputs)
     preset: str = "tiny"
     tokenizer: str | None = None  # None: the preset's tokenizer
     max_minutes: float = 15.0
@@ -42,47 +44,18 @@ DEMO_SAMPLING = (
 
 def run_demo(options: DemoOptions, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> dict[str, Any]:
     """Prepare data, train, generate three stories and evaluate. Returns a summary dict."""
-    from tinystories.data import default_inputs, prepare
     from tinystories.evaluate import evaluate_generation, evaluate_shards
     from tinystories.generate import load_model
-    from tinystories.train import train
 
     out = Path(options.out)
     run_config = RunConfig.from_preset(options.preset)
-    tokenizer_spec = options.tokenizer or run_config.tokenizer
+    data_dir = prepare_demo_data(options, out, options.tokenizer or run_config.tokenizer, stderr)
+    run_dir, summary = train_demo_model(options, run_config, data_dir, out / "run", stderr)
 
-    # 1. stories -> shards
-    inputs, val_inputs = options.inputs, options.val_inputs
-    if not inputs:
-        inputs, val_inputs = default_inputs()
-    data_dir = out / f"data-{tokenizer_spec.replace(':', '')}"
-    print(f"[1/4] preparing {tokenizer_spec} shards in {data_dir}", file=stderr)
-    prepare([str(p) for p in inputs], data_dir, tokenizer_spec,
-            val_inputs=[str(p) for p in val_inputs] if val_inputs else None, progress=options.progress)
-
-    # 2. shards -> trained run
-    run_dir = out / "run"
-    train_config = replace(run_config.train, max_minutes=options.max_minutes)
-    if options.max_steps is not None:
-        train_config = replace(train_config, max_steps=options.max_steps)
-    run_config = replace(run_config, train=train_config, data=str(data_dir))
-    if options.overrides:
-        run_config = apply_overrides(run_config, list(options.overrides))
-    print(f"[2/4] training {options.preset} for at most {options.max_minutes:g} minutes in {run_dir}", file=stderr)
-    summary = train(run_config, run_dir, resume=True, progress=options.progress)
-
-    # 3. run -> stories
     print("[3/4] three stories (1 greedy, 2 sampled)", file=stderr)
     lm = load_model(run_dir, checkpoint="best")
-    for index, (prompt, sampling) in enumerate(zip(options.prompts, DEMO_SAMPLING)):
-        settings = ", ".join(f"{k}={v}" for k, v in sampling.items())
-        print(f"--- story {index + 1} ({settings}, seed {options.seed}) ---", file=stdout)
-        completion = lm.generate(prompt, max_new_tokens=300, seed=options.seed, **sampling)[0]
-        print(prompt + completion.text, file=stdout)
-        print(file=stdout)
-    stdout.flush()
+    write_demo_stories(lm, options, stdout)
 
-    # 4. run -> evaluation table
     print("[4/4] evaluating", file=stderr)
     results = evaluate_shards(lm, data_dir)
     if options.eval_samples > 0:
@@ -91,6 +64,47 @@ def run_demo(options: DemoOptions, stdout: TextIO = sys.stdout, stderr: TextIO =
     print(format_table(results), file=stdout)
     print(f"\nloss curve: {run_dir / 'loss.png'}\nrun directory: {run_dir}", file=stdout)
     return {"train": summary, "eval": results, "run_dir": str(run_dir), "data_dir": str(data_dir)}
+
+
+def prepare_demo_data(options: DemoOptions, out: Path, tokenizer_spec: str, stderr: TextIO) -> Path:
+    """Stage 1, stories -> shards in OUT/data-<tokenizer>; returns that folder."""
+    from tinystories.data import default_inputs, describe_inputs, prepare
+
+    inputs, val_inputs = options.inputs, options.val_inputs
+    if not inputs:
+        inputs, val_inputs = default_inputs(options.data_source)
+    data_dir = out / f"data-{tokenizer_spec.replace(':', '')}"
+    source = describe_inputs([Path(p) for p in inputs], [Path(p) for p in val_inputs or []])
+    print(f"[1/4] preparing {tokenizer_spec} shards in {data_dir} from {source}", file=stderr)
+    prepare([str(p) for p in inputs], data_dir, tokenizer_spec,
+            val_inputs=[str(p) for p in val_inputs] if val_inputs else None, progress=options.progress)
+    return data_dir
+
+
+def train_demo_model(options: DemoOptions, run_config: RunConfig, data_dir: Path, run_dir: Path,
+                     stderr: TextIO) -> tuple[Path, dict[str, Any]]:
+    """Stage 2, shards -> a trained run in `run_dir` (resumed, or returned at once, when it exists)."""
+    from tinystories.train import train
+
+    train_config = replace(run_config.train, max_minutes=options.max_minutes)
+    if options.max_steps is not None:
+        train_config = replace(train_config, max_steps=options.max_steps)
+    run_config = replace(run_config, train=train_config, data=str(data_dir))
+    if options.overrides:
+        run_config = apply_overrides(run_config, list(options.overrides))
+    print(f"[2/4] training {options.preset} for at most {options.max_minutes:g} minutes in {run_dir}", file=stderr)
+    return run_dir, train(run_config, run_dir, resume=True, progress=options.progress)
+
+
+def write_demo_stories(lm: Any, options: DemoOptions, stdout: TextIO) -> None:
+    """Stage 3, three stories from the prompts, one per DEMO_SAMPLING setting."""
+    for index, (prompt, sampling) in enumerate(zip(options.prompts, DEMO_SAMPLING)):
+        settings = ", ".join(f"{k}={v}" for k, v in sampling.items())
+        print(f"--- story {index + 1} ({settings}, seed {options.seed}) ---", file=stdout)
+        completion = lm.generate(prompt, max_new_tokens=300, seed=options.seed, **sampling)[0]
+        print(prompt + completion.text, file=stdout)
+        print(file=stdout)
+    stdout.flush()
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -102,7 +116,3 @@ def format_table(results: dict[str, Any]) -> str:
         elif isinstance(value, int) and not isinstance(value, bool):
             lines.append(f"| {key} | {value:,} |")
     return "\n".join(lines)
-
-
-def default_demo_out() -> Path:
-    return Path(os.environ.get("TINYSTORIES_DEMO_OUT", "out/demo"))

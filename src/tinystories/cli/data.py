@@ -12,7 +12,9 @@ Layout: train.bin / val.bin hold flat token ids (uint16, or uint32 for vocabular
 with the <|endoftext|> token before every story: EOT s1 EOT s2 ... . meta.json records the
 tokenizer, dtype, per-split tokens / stories / bytes (UTF-8 bytes of story text, separators
 excluded) and the sha256 of every input file. Rerunning with the same inputs and options prints
-"up to date" and does nothing.
+"up to date" and does nothing. A run that is killed (even with kill -9) leaves no complete-looking
+file, and the next run removes the temporary files it left; a second prepare of an --out that
+another one is writing stops at once with an error.
 """
 
 
@@ -36,12 +38,20 @@ def _register_prepare(commands: argparse._SubParsersAction) -> None:
         epilog=PREPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    prepare.add_argument(
+    source = prepare.add_mutually_exclusive_group()
+    source.add_argument(
         "--input", nargs="+", action="extend", metavar="PATH",
         help="training stories: .txt / .txt.gz (TinyStories layout, stories separated by a line "
         "<|endoftext|>), .jsonl (text or story field), .parquet (text column), or folders of them. "
         "Default: the files in $TINYSTORIES_DATA whose names contain 'train' (and 'valid'/'val' for "
-        "validation); without that variable, TinyStories is downloaded from the hub.",
+        "validation); without that variable, the TinyStories slice bundled with the package "
+        "(16,648 train + 1,332 validation stories, no network needed).",
+    )
+    source.add_argument(
+        "--data-source", choices=data.DATA_SOURCES, default=None,
+        help="instead of --input: bundled (the slice shipped with the package, even if "
+        "$TINYSTORIES_DATA is set) or hub (download TinyStories from the Hugging Face hub first; "
+        "its size is printed before it starts).",
     )
     prepare.add_argument(
         "--val-input", nargs="+", action="extend", metavar="PATH",
@@ -75,9 +85,10 @@ def _register_download(commands: argparse._SubParsersAction) -> None:
     download = commands.add_parser(
         "download",
         help="fetch TinyStories train/valid text files from the Hugging Face hub",
-        description="Fetch the TinyStories train and validation text files from the Hugging Face hub. "
-        "Offline (HF_HUB_OFFLINE=1 or no network) this fails at once; pass local files to "
-        "`data prepare --input` instead.",
+        description="Fetch the TinyStories train and validation text files from the Hugging Face hub, "
+        "printing their sizes (asked of the hub) before the download starts; v2-gpt4's train file is "
+        "over 2 GB. Offline (HF_HUB_OFFLINE=1 or no network) this fails at once; `data prepare` "
+        "without --input uses the slice bundled with the package instead.",
     )
     download.add_argument(
         "--dataset", default=data.HUB_DATASET, metavar="REPO",
@@ -113,6 +124,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         errors=args.errors,
         progress=not args.quiet,
+        data_source=args.data_source,
     )
     return 0
 
