@@ -201,6 +201,23 @@ def test_gguf_tied_model_has_no_output_tensor(tmp_path, tokenizer):
     assert "output.weight" not in {tensor.name for tensor in reader.tensors}
 
 
+def test_gguf_out_with_a_gguf_name_is_that_file(tmp_path, tokenizer, capsys):
+    run, _ = make_run(tmp_path / "run", llama_config(), tokenizer)
+    as_dir = export(run, "gguf", tmp_path / "dir") / "model.gguf"
+    assert main(["export", "--model", str(run), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 0
+    assert (tmp_path / "x.gguf").is_file() and (tmp_path / "x.gguf").read_bytes() == as_dir.read_bytes()
+    assert f"to {tmp_path / 'x.gguf'}" in capsys.readouterr().out
+    assert main(["export", str(run), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "file exists (use --force" in capsys.readouterr().err
+    (tmp_path / "x.gguf").write_bytes(b"old")
+    export(run, "gguf", tmp_path / "x.gguf", force=True)
+    assert (tmp_path / "x.gguf").read_bytes() == as_dir.read_bytes()
+    (tmp_path / "d.gguf").mkdir()  # an existing directory named *.gguf stays a directory target
+    assert export(run, "gguf", tmp_path / "d.gguf") == tmp_path / "d.gguf"
+    assert (tmp_path / "d.gguf" / "model.gguf").read_bytes() == as_dir.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gguf", "dir", "run", "x.gguf"]  # no temp file left
+
+
 def test_pairs_permutation_is_the_rotary_layout_change():
     """Rotating halves with W equals rotating adjacent pairs with halves_to_pairs(W), then un-permuting."""
     torch.manual_seed(0)
@@ -314,10 +331,13 @@ def test_failed_export_leaves_nothing(tmp_path, tokenizer, monkeypatch):
     def broken_writer(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export_module, "write_gguf_dir", broken_writer)
-    with pytest.raises(RuntimeError):
-        export(run, "gguf", tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    monkeypatch.setitem(export_module.WRITERS, "gguf", broken_writer)
+    monkeypatch.setattr(export_module, "write_gguf_file", broken_writer)
+    for out in (tmp_path / "out", tmp_path / "out.gguf", tmp_path / "sub" / "model.gguf"):
+        with pytest.raises(RuntimeError):
+            export(run, "gguf", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sub"]  # the parent made for the file
+    assert list((tmp_path / "sub").iterdir()) == []
 
 
 def test_existing_output_needs_force(tmp_path, tokenizer):

@@ -2,13 +2,14 @@
 directory, and import llama2.c checkpoints as runs.
 
     export(run, "hf", out)           transformers: config.json + model.safetensors + tokenizer files
-    export(run, "gguf", out)         llama.cpp: out/model.gguf (Llama-style models, tokenizer embedded)
+    export(run, "gguf", out)         llama.cpp: out/model.gguf, or the file out if it ends in .gguf (Llama-style,
+                                     tokenizer embedded)
     export(run, "llama2c", out)      llama2.c: out/model.bin (legacy v0) + out/tokenizer.bin
     export(run, "safetensors", out)  ours: config.json + model.safetensors + tokenizer (load_run reads it)
     import_llama2c(model_bin, tokenizer_bin, out)   a run directory generate/eval/train --init-from accept
 
-Every output appears whole or not at all: it is written into a hidden temporary directory beside
-`out`, which is then renamed to `out`. The format writers live in export_hf.py, export_gguf.py and
+Every output appears whole or not at all: it is written into a hidden temporary directory (or file)
+beside `out`, which is then renamed to `out`. The format writers live in export_hf.py, export_gguf.py and
 llama2c.py; this module finds the weights and tokenizer files and handles the directories.
 """
 
@@ -30,8 +31,10 @@ from safetensors.torch import save_file
 from tinystories.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, build_model, load_run_config, load_weights,
                                     resolve_checkpoint, save_checkpoint)
 from tinystories.config import RunConfig, TrainConfig
-from tinystories.files import write_json_atomic
 from tinystories.errors import UserError
+from tinystories.export_gguf import check_gguf_compatible, write_gguf
+from tinystories.export_hf import hf_architecture, hf_config, hf_state_dict, tokenizer_config
+from tinystories.files import atomic_path, write_json_atomic
 from tinystories.llama2c import (byte_level_pieces, byte_level_tokenizer_from_pieces, byte_level_vocab_order,
                                  check_llama2c_compatible, is_byte_level_vocab, read_llama2c_bin, write_llama2c_bin)
 from tinystories.tokenizer import EOT, byte_level_tokenizer, unicode_to_bytes
@@ -85,10 +88,7 @@ def bytes_tokenizer_json(eot_id: int = 256) -> dict[str, Any]:
 
 def load_source(run: str | os.PathLike, checkpoint: str = "best") -> ExportSource:
     """Read a run (or checkpoint, or self-contained directory) for export."""
-    from tinystories.checkpoint import shipped_model_path
-
-    path = shipped_model_path(run) or Path(run)
-    directory, home = resolve_checkpoint(path, checkpoint)
+    directory, home = resolve_checkpoint(run, checkpoint)
     run_config = load_run_config(home)
     model = build_model(run_config.model, load_weights(directory), source=str(directory))
     weights = {name: tensor.detach().float().contiguous() for name, tensor in model.state_dict().items()}
@@ -102,6 +102,35 @@ def load_source(run: str | os.PathLike, checkpoint: str = "best") -> ExportSourc
     return ExportSource(run_config, weights, home, directory, meta)
 
 
+def check_out_dir(out: Path, force: bool = False) -> None:
+    """Refuse an --out directory that cannot be (re)written: a file, a non-empty directory without
+    `force`, an unreadable directory, or a path under a file."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"--out {out}: exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise ExportError(f"--out {out}: directory exists and is not empty (use --force to replace it)")
+    except OSError as error:
+        raise ExportError(f"--out {out}: cannot read it ({error.strerror or error})") from None
+    _check_parent(out)
+
+
+def check_out_file(out: Path, force: bool = False) -> None:
+    """Refuse an --out file that exists (without `force`) or whose folder cannot be made."""
+    if out.exists() and not force:
+        raise ExportError(f"--out {out}: file exists (use --force to replace it)")
+    _check_parent(out)
+
+
+def _check_parent(out: Path) -> None:
+    """The nearest existing folder above `out` must be a directory (so `out`'s folders can be made)."""
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(f"--out {out}: {ancestor} is a file, not a directory")
+
+
 @contextmanager
 def atomic_directory(out: str | os.PathLike, force: bool = False, protect: Path | None = None) -> Iterator[Path]:
     """Yield a fresh hidden directory beside `out`; on success it replaces `out` in one rename.
@@ -111,14 +140,11 @@ def atomic_directory(out: str | os.PathLike, force: bool = False, protect: Path 
     `out` nor inside it.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out}: exists and is not a directory")
+    check_out_dir(out, force)
     if protect is not None:
         source, target = protect.resolve(), out.resolve()
         if source == target or target in source.parents:
             raise ExportError(f"--out {out}: would overwrite the model being exported; choose another directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out}: directory exists and is not empty (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
@@ -136,9 +162,33 @@ def atomic_directory(out: str | os.PathLike, force: bool = False, protect: Path 
         raise
 
 
+def is_gguf_file_target(format: str, out: str | os.PathLike) -> bool:
+    """`export --format gguf --out NAME.gguf` writes that one file (unless NAME.gguf is a directory)."""
+    return format == "gguf" and Path(out).suffix == ".gguf" and not Path(out).is_dir()
+
+
 def export(run: str | os.PathLike, format: str, out: str | os.PathLike, *, checkpoint: str = "best",
            dtype: str = "float32", force: bool = False) -> Path:
-    """Export `run` to `out` in `format` ('hf' | 'gguf' | 'llama2c' | 'safetensors'). Returns `out`."""
+    """Export `run` to `out` in `format` ('hf' | 'gguf' | 'llama2c' | 'safetensors'). Returns `out`.
+
+    `out` is a directory, or for gguf also a file name ending in .gguf (`is_gguf_file_target`).
+    """
+    _check_options(format, dtype)
+    out = Path(out)
+    as_file = is_gguf_file_target(format, out)
+    (check_out_file if as_file else check_out_dir)(out, force)  # refuse before reading the model
+    source = load_source(run, checkpoint)
+    COMPATIBILITY_CHECKS[format](source.run_config.model)  # refuse before creating anything
+    if as_file:
+        with atomic_path(out) as temporary:
+            write_gguf_file(source, temporary, dtype)
+        return out
+    with atomic_directory(out, force, protect=source.home) as directory:
+        WRITERS[format](source, directory, dtype)
+    return out
+
+
+def _check_options(format: str, dtype: str) -> None:
     if format not in FORMATS:
         raise ExportError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -147,30 +197,6 @@ def export(run: str | os.PathLike, format: str, out: str | os.PathLike, *, check
         raise ExportError(f"--dtype {dtype}: llama2c's legacy .bin format is float32 only")
     if format == "gguf" and dtype == "bfloat16":
         raise ExportError("--dtype bfloat16: gguf export writes float32 or float16")
-    source = load_source(run, checkpoint)
-    check = {"hf": _check_hf, "gguf": _check_gguf, "llama2c": _check_llama2c, "safetensors": lambda s: None}
-    check[format](source)  # refuse before creating anything
-    writers = {"hf": write_hf_dir, "gguf": write_gguf_dir, "llama2c": write_llama2c_dir,
-               "safetensors": write_safetensors_dir}
-    with atomic_directory(out, force, protect=source.home) as directory:
-        writers[format](source, directory, dtype)
-    return Path(out)
-
-
-def _check_hf(source: ExportSource) -> None:
-    from tinystories.export_hf import hf_architecture
-
-    hf_architecture(source.run_config.model)
-
-
-def _check_gguf(source: ExportSource) -> None:
-    from tinystories.export_gguf import check_gguf_compatible
-
-    check_gguf_compatible(source.run_config.model)
-
-
-def _check_llama2c(source: ExportSource) -> None:
-    check_llama2c_compatible(source.run_config.model)
 
 
 def _cast(weights: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
@@ -195,8 +221,6 @@ def write_safetensors_dir(source: ExportSource, directory: Path, dtype: str) -> 
 
 def write_hf_dir(source: ExportSource, directory: Path, dtype: str) -> None:
     """A transformers model directory (Llama, Mistral or GPT-2 class) with a fast tokenizer."""
-    from tinystories.export_hf import hf_architecture, hf_config, hf_state_dict, tokenizer_config
-
     config = source.run_config.model
     family = hf_architecture(config)
     if source.meta.get("kind") == "llama2c":
@@ -224,11 +248,13 @@ def _llama2c_scores(source: ExportSource) -> list[float] | None:
     return scores
 
 
-def write_gguf_dir(source: ExportSource, directory: Path, dtype: str) -> None:
-    from tinystories.export_gguf import write_gguf
-
-    write_gguf(directory / GGUF_FILE, source.run_config.model, source.weights, source.tokenizer_json(),
+def write_gguf_file(source: ExportSource, path: Path, dtype: str) -> None:
+    write_gguf(path, source.run_config.model, source.weights, source.tokenizer_json(),
                source.meta, scores=_llama2c_scores(source), dtype=dtype, name=source.home.name or "tinystories")
+
+
+def write_gguf_dir(source: ExportSource, directory: Path, dtype: str) -> None:
+    write_gguf_file(source, directory / GGUF_FILE, dtype)
 
 
 def write_llama2c_dir(source: ExportSource, directory: Path, dtype: str) -> None:
@@ -248,6 +274,16 @@ def write_llama2c_dir(source: ExportSource, directory: Path, dtype: str) -> None
     write_llama2c_bin(directory / LLAMA2C_FILE, config, source.weights, vocab_order=order)
     pieces, scores = byte_level_pieces(tokenizer_json, config.vocab_size)
     write_tokenizer_bin(directory / TOKENIZER_BIN, [pieces[i] for i in order], [scores[i] for i in order])
+
+
+def _no_check(config) -> None:
+    """The safetensors directory holds any model tinystories can build."""
+
+
+COMPATIBILITY_CHECKS = {"hf": hf_architecture, "gguf": check_gguf_compatible, "llama2c": check_llama2c_compatible,
+                        "safetensors": _no_check}
+WRITERS = {"hf": write_hf_dir, "gguf": write_gguf_dir, "llama2c": write_llama2c_dir,
+           "safetensors": write_safetensors_dir}
 
 
 def import_model(format: str, model_path: str | os.PathLike, out: str | os.PathLike, *,

@@ -27,7 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default: str | None 
     parser.add_argument("run", nargs="?", metavar="RUN", help=f"{MODEL_FORMS}{default_note}")
     parser.add_argument("--model", metavar="RUN", help="the same as the positional RUN")
     if checkpoint:
-        parser.add_argument("--checkpoint", default="best", choices=("best", "last"),
+        # checked by the library (checkpoint.resolve_checkpoint), so a bad value is one line like the rest
+        parser.add_argument("--checkpoint", default="best", metavar="best|last",
                             help="which checkpoint of a run directory (default: best; last if there is no best)")
 
 
