@@ -98,6 +98,71 @@ def test_hf_export_float16(tmp_path, tokenizer):
         torch.testing.assert_close(hf_model(tokens).logits, model(tokens)[0], atol=0.05, rtol=0.01)
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "src" / "tinystories" / "assets" / "models" / "tiny"
+
+
+def card_section(card: str, heading: str, fence: str) -> str:
+    """The first fenced block (```fence) after `## heading` in a model card."""
+    after = card.split(f"## {heading}\n", 1)[1]
+    return after.split(f"```{fence}\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_hf_export_of_the_shipped_model_has_a_complete_model_card(tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from tinystories.config import RunConfig, apply_overrides
+
+    out = export("tiny", "hf", tmp_path / "hf")
+    card = ModelCard.load(out / "README.md")  # the hub's own parser of the YAML front matter
+    assert card.data.license == "mit" and card.data.datasets == ["roneneldan/TinyStories"]
+    assert {"tinystories", "llama", "text-generation"} <= set(card.data.tags)
+    evaluations = [json.loads(line) for line in (SHIPPED / "metrics.jsonl").read_text().splitlines()
+                   if "val_loss" in line]
+    best = min(evaluations, key=lambda record: record["val_loss"])  # export's default checkpoint is best
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_split) == (
+        "bits_per_byte", round(best["val_bpb"], 4), "validation")
+    text = card.text
+    assert f"| validation bits per byte | {best['val_bpb']:.4f} (" in text
+    assert f"| training tokens | {best['tokens']:,} (by step {best['step']:,}) |" in text
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert f"| parameters | {hf_model.num_parameters():,} |" in text
+
+    # The training command rebuilds the shipped config.json exactly.
+    command = card_section(text, "How it was trained", "bash").replace("\\\n", " ").split()
+    assert command[:4] == ["tinystories", "train", "--preset", "tiny"]
+    sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
+    rebuilt = apply_overrides(RunConfig.from_preset("tiny"), sets)
+    shipped = RunConfig.load(SHIPPED / "config.json")
+    assert (rebuilt.model, rebuilt.train) == (shipped.model, shipped.train) and "train.max_steps=6000" in sets
+
+    # The sample is what `tinystories generate` prints for the command the card names.
+    capsys.readouterr()
+    assert main(["generate", "tiny", "--prompt", "Once upon a time", "--temperature", "0",
+                 "--max-new-tokens", "120"]) == 0
+    assert 'generate tiny --prompt "Once upon a time" --temperature 0 --max-new-tokens 120' in text
+    assert card_section(text, "A sample", "text") == capsys.readouterr().out.strip()
+
+
+def test_model_card_says_unknown_for_what_the_run_does_not_record(tmp_path, tokenizer, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    import tinystories.export as export_module
+
+    monkeypatch.setattr(export_module, "sample_story", lambda source: "A story.")  # tested on the shipped model
+    run, _ = make_run(tmp_path / "run", llama_config(), tokenizer)  # no metrics.jsonl, no preset
+    card = ModelCard.load(export(run, "hf", tmp_path / "hf") / "README.md")
+    assert card.data.eval_results is None and card.data.license == "mit"
+    assert "| validation bits per byte | unknown" in card.text and "| training tokens | unknown |" in card.text
+    assert "The training command is unknown" in card.text
+    (run / "metrics.jsonl").write_text('{"step": 10, "tokens": 640, "train_loss": 5.0}\n'
+                                       '{"step": 10, "tokens": 640, "val_loss": 4.5, "val_bpb": 1.5}\n'
+                                       '{"step": 20, "tokens": 1280, "val_loss": 4.0, "val_bpb": 1.2}\n{"step": 3')
+    for checkpoint, bpb in (("best", 1.2), ("last", 1.2)):
+        card = ModelCard.load(export(run, "hf", tmp_path / checkpoint, checkpoint=checkpoint) / "README.md")
+        assert card.data.eval_results[0].metric_value == bpb  # the cut-off last line is left out
+
+
 @pytest.mark.parametrize("config, field", [
     (gpt2_config(mlp="swiglu"), "mlp='swiglu'"),  # learned positions + swiglu
     (gpt2_config(norm="rmsnorm"), "norm='rmsnorm'"),

@@ -383,6 +383,9 @@ def test_imported_model_exports_to_hf_and_gguf(tmp_path, llama2c_files):
     run = import_llama2c(model_bin, tokenizer_bin, tmp_path / "run")
     model, tokenizer = load_imported(run)
     hf = export(run, "hf", tmp_path / "hf")
+    card = (hf / "README.md").read_text()
+    assert "imported from llama2.c checkpoint model.bin" in card and "| training tokens | unknown |" in card
+    assert 'tokenizer("Once upon a time", return_tensors="pt")' in card  # its tokenizer adds <s> itself
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
     text = "Once upon a time, the cat was little."

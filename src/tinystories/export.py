@@ -33,8 +33,9 @@ from tinystories.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, build_model, load
 from tinystories.config import RunConfig, TrainConfig
 from tinystories.errors import UserError
 from tinystories.export_gguf import check_gguf_compatible, write_gguf
-from tinystories.export_hf import hf_architecture, hf_config, hf_state_dict, tokenizer_config
-from tinystories.files import atomic_path, write_json_atomic
+from tinystories.export_hf import (SAMPLE_PROMPT, SAMPLE_TOKENS, CardFacts, checkpoint_evaluation, hf_architecture,
+                                   hf_config, hf_state_dict, model_card, tokenizer_config, training_command)
+from tinystories.files import atomic_path, write_json_atomic, write_text_atomic
 from tinystories.llama2c import (byte_level_pieces, byte_level_tokenizer_from_pieces, byte_level_vocab_order,
                                  check_llama2c_compatible, is_byte_level_vocab, read_llama2c_bin, write_llama2c_bin)
 from tinystories.tokenizer import EOT, byte_level_tokenizer, unicode_to_bytes
@@ -45,6 +46,7 @@ IMPORT_FORMATS = ("llama2c",)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_JSON, TOKENIZER_META = "tokenizer.json", "tokenizer_meta.json"
 GGUF_FILE, LLAMA2C_FILE = "model.gguf", "model.bin"
+METRICS_FILE = "metrics.jsonl"  # what training logs (tinystories.train); the shipped models carry theirs
 
 
 class ExportError(UserError):
@@ -60,6 +62,8 @@ class ExportSource:
     home: Path  # the directory holding config.json and the tokenizer files
     checkpoint: Path
     meta: dict[str, Any]  # tokenizer_meta.json
+    name: str = ""  # the run as the user named it (a path or a shipped model's name)
+    which: str = "best"  # the checkpoint exported: 'best' or 'last'
 
     def tokenizer_json(self) -> dict[str, Any]:
         """The run's HF tokenizer.json; for the 'bytes' kind (which has none) an equivalent one."""
@@ -99,7 +103,7 @@ def load_source(run: str | os.PathLike, checkpoint: str = "best") -> ExportSourc
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ExportError(f"{meta_path}: unreadable ({error})") from None
-    return ExportSource(run_config, weights, home, directory, meta)
+    return ExportSource(run_config, weights, home, directory, meta, name=str(run), which=checkpoint)
 
 
 def check_out_dir(out: Path, force: bool = False) -> None:
@@ -239,6 +243,53 @@ def write_hf_dir(source: ExportSource, directory: Path, dtype: str) -> None:
     write_json_atomic(directory / "tokenizer_config.json", token_config)
     write_json_atomic(directory / "special_tokens_map.json",
                       {key: token_config[key] for key in ("bos_token", "eos_token", "unk_token")})
+    write_text_atomic(directory / "README.md", model_card(card_facts(source, family)))
+
+
+def card_facts(source: ExportSource, family: str) -> CardFacts:
+    """What the hf model card states, each read from the run's files or measured on the exported weights."""
+    config = source.run_config.model
+    evaluation = checkpoint_evaluation(read_metrics(source.home / METRICS_FILE), source.which)
+    return CardFacts(name=source.name, family=family, config=config,
+                     tokenizer=source.run_config.tokenizer or str(source.meta.get("spec", "unknown")),
+                     parameters=config.num_parameters(), evaluation=evaluation,
+                     command=training_command(source.run_config),
+                     eval_tokens=source.run_config.train.eval_tokens if evaluation else None,
+                     origin=_checkpoint_metadata(source.checkpoint).get("source"), sample=sample_story(source),
+                     story_prefix="" if source.meta.get("kind") == "llama2c" else EOT)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl ([] when there is none). A last line cut short by a killed
+    run, or any line that is not a JSON object, is left out."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    except (OSError, UnicodeDecodeError) as error:
+        raise ExportError(f"{path}: unreadable ({error})") from None
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _checkpoint_metadata(directory: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), "pt") as file:
+        return file.metadata() or {}
+
+
+def sample_story(source: ExportSource) -> str:
+    """The prompt and the exported checkpoint's greedy continuation (what `tinystories generate` prints)."""
+    from tinystories.generate import load_model
+
+    lm = load_model(str(source.checkpoint), checkpoint=source.which)
+    return SAMPLE_PROMPT + lm.generate(SAMPLE_PROMPT, max_new_tokens=SAMPLE_TOKENS, temperature=0)[0].text
 
 
 def _llama2c_scores(source: ExportSource) -> list[float] | None:
