@@ -73,6 +73,26 @@ def small_story_files(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return write_story_file(folder / "train.txt", train), write_story_file(folder / "valid.txt", val)
 
 
+@pytest.fixture
+def small_bundled_slice(small_story_files: tuple[Path, Path], tmp_path: Path, monkeypatch) -> Path:
+    """The package's bundled folder replaced by 300 + 50 of its stories (same names, gzip), with
+    $TINYSTORIES_DATA unset and the hub offline: what `data prepare` and `demo` read without --input,
+    small enough for a test. Returns the stand-in folder."""
+    import gzip
+
+    from tinystories import data
+
+    train, val = small_story_files
+    folder = tmp_path / "demo-corpus"
+    folder.mkdir()
+    (folder / "train.txt.gz").write_bytes(gzip.compress(train.read_bytes()))
+    (folder / "valid.txt.gz").write_bytes(gzip.compress(val.read_bytes()))
+    monkeypatch.setattr(data, "bundled_corpus_dir", lambda: folder)
+    monkeypatch.delenv("TINYSTORIES_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # proves nothing is fetched
+    return folder
+
+
 @pytest.fixture(scope="session")
 def prepared_small(small_story_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A shard dir prepared from `small_story_files` with a bpe:512 tokenizer. Treat as read-only.

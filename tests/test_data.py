@@ -339,19 +339,11 @@ def test_without_tinystories_data_the_bundled_slice_is_used_offline(monkeypatch)
         default_inputs("web")
 
 
-def test_prepare_without_input_or_tinystories_data_reads_the_bundled_slice(small_story_files, tmp_path,
-                                                                          monkeypatch) -> None:
-    # A stand-in for the package's folder, with the same file names, so the test stays small.
-    train, val = small_story_files
-    folder = tmp_path / "demo-corpus"
-    folder.mkdir()
-    (folder / "train.txt.gz").write_bytes(gzip.compress(train.read_bytes()))
-    (folder / "valid.txt.gz").write_bytes(gzip.compress(val.read_bytes()))
-    monkeypatch.setattr(data, "bundled_corpus_dir", lambda: folder)
-    monkeypatch.delenv("TINYSTORIES_DATA", raising=False)
+def test_prepare_without_input_or_tinystories_data_reads_the_bundled_slice(small_bundled_slice, tmp_path) -> None:
     assert main(["data", "prepare", "--tokenizer", "bytes", "--out", str(tmp_path / "out"), "--quiet"]) == 0
     meta = load_meta(tmp_path / "out")
-    assert [e["path"] for e in meta["sources"]["train"]] == [str(folder / "train.txt.gz")]
+    assert [e["path"] for e in meta["sources"]["train"]] == [str(small_bundled_slice / "train.txt.gz")]
+    assert [e["path"] for e in meta["sources"]["val"]] == [str(small_bundled_slice / "valid.txt.gz")]
     assert (meta["splits"]["train"]["stories"], meta["splits"]["val"]["stories"]) == (SMALL_TRAIN_STORIES,
                                                                                      SMALL_VAL_STORIES)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import re
 import shutil
 import subprocess
@@ -10,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tinystories import data
 from tinystories.cli import main
 from tinystories.data import load_meta
 
@@ -20,21 +18,6 @@ SMALL_DEMO = ["n_layer=1", "d_model=32", "n_head=2", "context_length=32", "batch
               "sample_tokens=8", "compile=false", "eval_every=3", "warmup_steps=1", "device=cpu"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def small_bundled_slice(small_story_files, tmp_path, monkeypatch) -> Path:
-    """The package's bundled folder replaced by 300 + 50 of its stories, same names, gzip: what the
-    demo reads without --input and $TINYSTORIES_DATA, small enough for a test."""
-    train, val = small_story_files
-    folder = tmp_path / "demo-corpus"
-    folder.mkdir()
-    (folder / "train.txt.gz").write_bytes(gzip.compress(train.read_bytes()))
-    (folder / "valid.txt.gz").write_bytes(gzip.compress(val.read_bytes()))
-    monkeypatch.setattr(data, "bundled_corpus_dir", lambda: folder)
-    monkeypatch.delenv("TINYSTORIES_DATA", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # proves nothing is fetched
-    return folder
 
 
 def demo_args(out: Path, *extra: str) -> list[str]:
