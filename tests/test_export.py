@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -476,3 +477,87 @@ def test_hf_export_with_the_gpt2_tokenizer(tmp_path, gpt2_dir):
     with torch.no_grad():
         torch.testing.assert_close(hf_model(torch.tensor([ids])).logits, model(torch.tensor([ids]))[0],
                                    atol=1e-4, rtol=0)
+
+
+# --- llama.cpp runs our GGUF of the shipped model like tinystories does --------------------------
+
+LLAMA_CPP_PROMPTS = ["Once upon a time", "Tom had a red ball", "The little bird"]
+LLAMA_CPP_NEW_TOKENS = 120
+
+
+@pytest.fixture(scope="module")
+def shipped_llama(tmp_path_factory):
+    """llama.cpp holding `export tiny --format gguf --out tiny.gguf` (float32, f32 KV cache: llama.cpp's
+    default f16 cache moves logits by ~1e-3)."""
+    llama_cpp = require_llama_cpp()
+    out = tmp_path_factory.mktemp("shipped-gguf") / "tiny.gguf"
+    assert main(["export", "tiny", "--format", "gguf", "--out", str(out)]) == 0
+    return llama_cpp.Llama(model_path=str(out), n_ctx=256, n_batch=256, logits_all=True, verbose=False,
+                           type_k=0, type_v=0)
+
+
+def llama_cpp_greedy(llm, tokens: list[int], steps: int, stop: int) -> list[int]:
+    """llama.cpp's argmax continuation of `tokens`, one token at a time, until `stop` or `steps`."""
+    llm.reset()
+    llm.eval(tokens)
+    produced = []
+    while len(produced) < steps:
+        next_token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if next_token == stop:
+            break
+        produced.append(next_token)
+        llm.eval([next_token])
+    return produced
+
+
+@pytest.mark.parametrize("prompt", LLAMA_CPP_PROMPTS)
+def test_llama_cpp_greedy_on_the_shipped_gguf_equals_tinystories_generate(shipped_llama, prompt, capsys):
+    from tinystories.generate import load_model
+
+    lm = load_model("tiny")
+    prompt_ids = shipped_llama.tokenize(prompt.encode(), add_bos=False, special=True)
+    assert prompt_ids == lm.tokenizer.encode(prompt)  # the tokenizer embedded in the GGUF
+    theirs = llama_cpp_greedy(shipped_llama, [lm.tokenizer.eot_id] + prompt_ids, LLAMA_CPP_NEW_TOKENS,
+                              stop=shipped_llama.token_eos())
+    assert len(theirs) >= 100
+    ours = lm.generate(prompt, max_new_tokens=LLAMA_CPP_NEW_TOKENS, temperature=0)[0]
+    assert ours.token_ids == theirs
+    capsys.readouterr()
+    assert main(["generate", "tiny", "--prompt", prompt, "--temperature", "0",
+                 "--max-new-tokens", str(LLAMA_CPP_NEW_TOKENS)]) == 0
+    assert capsys.readouterr().out == prompt + shipped_llama.detokenize(theirs).decode("utf-8") + "\n"
+
+
+def llama_cpp_nats(llm, stream: list[int], context: int) -> float:
+    """Summed next-token nats over non-overlapping windows of `context` tokens (evaluate.py's layout:
+    window i reads [iC, iC+C) and predicts [iC+1, iC+C+1))."""
+    total = 0.0
+    for start in range(0, len(stream) - 1, context):
+        window, targets = stream[start:start + context], stream[start + 1:start + context + 1]
+        window = window[:len(targets)]
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[:len(window)], dtype=np.float64)  # (T, V)
+        top = logits.max(axis=1, keepdims=True)
+        log_normaliser = (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
+        total += float(np.sum(log_normaliser - logits[np.arange(len(targets)), targets]))
+    return total
+
+
+def test_llama_cpp_perplexity_of_the_shipped_gguf_equals_tinystories_eval(shipped_llama, small_story_files,
+                                                                         tmp_path, capsys):
+    from tinystories.data import read_stories
+
+    _, valid = small_story_files
+    stories = list(read_stories(valid))
+    assert len(stories) == 50
+    eot = shipped_llama.token_eos()
+    stream = []
+    for story in stories:  # tokenized by llama.cpp, laid out as shards are: EOT s1 EOT s2 ...
+        stream += [eot] + shipped_llama.tokenize(story.encode(), add_bos=False, special=False)
+    theirs = math.exp(llama_cpp_nats(shipped_llama, stream, context=256) / (len(stream) - 1))
+    assert main(["eval", "--model", "tiny", "--input", str(valid), "--samples", "0",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    ours = json.loads((tmp_path / "eval.json").read_text())
+    assert ours["tokens"] == len(stream) - 1  # the same tokens: llama.cpp's tokenizer agrees with ours
+    assert abs(theirs / ours["perplexity"] - 1) < 0.01, (theirs, ours["perplexity"])
