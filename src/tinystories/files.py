@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from tinystories.errors import UserError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -34,3 +36,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, values: Any) -> None:
     """`values` as indented JSON with a final newline."""
     write_text_atomic(path, json.dumps(values, indent=2) + "\n")
+
+
+class OutputPathError(UserError):
+    """An output path that cannot be written: a folder where a file goes, a file where a folder goes."""
+
+
+def check_output_path(path: str | os.PathLike, option: str, *, folder: bool = False) -> None:
+    """Before any work: refuse a `path` (the `option` the user gave) that cannot become a file (or,
+    with `folder`, a folder) because it is the other kind, or a file stands where a parent folder goes."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder; expected a file name" if not folder else "a file; expected a folder"
+        raise OutputPathError(f"{option} {path}: is {kind}")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{option} {path}: {ancestor} is a file, not a folder")
