@@ -32,8 +32,11 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 from common import append_results  # noqa: E402
 from tinystories import batching  # noqa: E402
 from tinystories.config import RunConfig  # noqa: E402
-from tinystories.train import (  # noqa: E402
-    accumulate_gradients, adapt_to_data, build_optimizer, create_model, iter_metrics, train)
+from tinystories.batching import adapt_to_data  # noqa: E402
+from tinystories.optim import build_optimizer  # noqa: E402
+from tinystories.runlog import iter_metrics  # noqa: E402
+from tinystories.train import accumulate_gradients, train  # noqa: E402
+from tinystories.train_setup import create_model  # noqa: E402
 
 
 def default_shards() -> Path:

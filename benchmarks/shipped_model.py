@@ -27,7 +27,7 @@ from common import append_results, markdown_table  # noqa: E402
 from tinystories.evaluate import evaluate_shards  # noqa: E402
 from tinystories.export import export  # noqa: E402
 from tinystories.generate import load_model  # noqa: E402
-from tinystories.train import iter_metrics  # noqa: E402
+from tinystories.runlog import iter_metrics  # noqa: E402
 
 GENERATION_PROMPT = "Once upon a time"
 

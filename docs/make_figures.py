@@ -11,9 +11,9 @@ Figures (PNG, dpi 100 or less, each well under 100 KB):
   architecture-tiny.png    the run's model as a block diagram            (tinystories.visualize.draw_architecture)
   attention-layer0.png     layer 0's heads on a story's first sentence   (tinystories.visualize.attention_weights)
   attention-grid.png       every layer x head on the same sentence
-  lr-schedule.png          cosine vs wsd for the run's TrainConfig        (tinystories.train.learning_rate)
+  lr-schedule.png          cosine vs wsd for the run's TrainConfig        (tinystories.optim.learning_rate)
   sampling.png             the next-token distribution under temperature, top-k, top-p (generate.filter_*)
-  training-loss.png        train/val loss and gradient norm from the run's metrics.jsonl (train.plot_metrics)
+  training-loss.png        train/val loss and gradient norm from the run's metrics.jsonl (runlog.plot_metrics)
 
 The tables (--tables) are text: how the run's tokenizer splits sentences, the parameter breakdown of
 every preset, sample stories per sampling setting, and a torch.profiler profile of a few training steps.
@@ -35,7 +35,8 @@ from tinystories.config import TrainConfig, get_preset, preset_names
 from tinystories.generate import LanguageModel, filter_top_k, filter_top_p, load_model
 from tinystories.visualize import (attention_weights, new_figure, draw_architecture, parameter_breakdown,
                                  plot_attention, save_figure, token_labels)
-from tinystories.train import learning_rate, plot_metrics
+from tinystories.optim import learning_rate
+from tinystories.runlog import plot_metrics
 
 ATTENTION_PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
 SAMPLING_PROMPT = "Once upon a time, there was a little"

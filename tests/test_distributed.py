@@ -20,7 +20,8 @@ from tinystories import batching
 from tinystories.checkpoint import load_training_state, load_weights
 from tinystories.config import RunConfig, apply_overrides
 from tinystories.distributed import DistributedError, launch_environment
-from tinystories.train import adapt_to_data, train
+from tinystories.batching import adapt_to_data
+from tinystories.train import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,9 +134,10 @@ def test_two_ranks_equal_one_process_and_resume_with_one(prepared_small, tmp_pat
     for name, tensor in single_step1.items():
         torch.testing.assert_close(ddp_step1[name], tensor, atol=1e-6, rtol=0, msg=name)
     state = load_training_state(ddp / "checkpoints" / "last")
-    assert state["step"] == 1 and state["batches"]["position"] == 1 and state["global_batch"] == 8
-    assert state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
-    assert state["tokens"] == load_training_state(single / "checkpoints" / "last")["tokens"] == 8 * 32
+    loop = state["loop"]
+    assert loop["step"] == 1 and state["batches"]["position"] == 1 and loop["global_batch"] == 8
+    assert loop["world_size"] == 2 and len(loop["rng"]) == 2  # each rank's random state
+    assert loop["tokens"] == load_training_state(single / "checkpoints" / "last")["loop"]["tokens"] == 8 * 32
     ddp_records, single_records = read_metrics(ddp), read_metrics(single)
     assert [r["step"] for r in ddp_records] == [1, 1]  # one train and one val record: rank 0 alone logs
     for mine, reference in zip(ddp_records, single_records):
@@ -149,7 +151,7 @@ def test_two_ranks_equal_one_process_and_resume_with_one(prepared_small, tmp_pat
           progress=False)
     assert_weights_close(ddp / "checkpoints" / "last", single / "checkpoints" / "last", atol=1e-5)
     resumed = load_training_state(ddp / "checkpoints" / "last")
-    assert resumed["batches"]["position"] == 3 and resumed["world_size"] == 1 and "rng_per_rank" not in resumed
+    assert resumed["batches"]["position"] == 3 and resumed["loop"]["world_size"] == 1 and len(resumed["loop"]["rng"]) == 1
     losses = [r["train_loss"] for r in read_metrics(ddp) if "train_loss" in r]
     assert losses == pytest.approx([r["train_loss"] for r in read_metrics(single) if "train_loss" in r], abs=1e-5)
 
@@ -194,8 +196,8 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(prepared_small, 
         os.kill(workers[1], signal.SIGTERM)  # rank 1 alone is told to stop; rank 0 must agree and checkpoint
         output = job.communicate(timeout=60)[0].decode()
     assert "SIGTERM: saved" in output, output[-3000:]  # said by rank 0, which got no signal itself
-    state = load_training_state(run_dir / "checkpoints" / "last")
-    assert state["step"] >= 3 and len(state["rng_per_rank"]) == 2
+    state = load_training_state(run_dir / "checkpoints" / "last")["loop"]
+    assert state["step"] >= 3 and len(state["rng"]) == 2
     assert state["step"] == max(r["step"] for r in read_metrics(run_dir))  # the step both ranks stopped at
     assert load_weights(run_dir / "checkpoints" / "last")
 
@@ -205,5 +207,5 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(prepared_small, 
                                        "100000", "--batch-size", "2")) as job:
         output = job.communicate(timeout=90)[0].decode()
     assert job.returncode == 0, output[-3000:]
-    assert load_training_state(run_dir / "checkpoints" / "last")["step"] == target
+    assert load_training_state(run_dir / "checkpoints" / "last")["loop"]["step"] == target
     assert [r["step"] for r in read_metrics(run_dir) if "train_loss" in r] == list(range(1, target + 1))

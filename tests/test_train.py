@@ -18,20 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from tinystories import batching
-from tinystories import train as train_module
+from tinystories import train_setup
 from tinystories.checkpoint import CheckpointError, load_training_state, load_weights
 from tinystories.config import ModelConfig, RunConfig, TrainConfig, apply_overrides
 from tinystories.model import GPT
-from tinystories.train import (
-    TrainingError,
-    accumulate_gradients,
-    adapt_to_data,
-    build_optimizer,
-    learning_rate,
-    lr_multiplier,
-    parameter_groups,
-    train,
-)
+from tinystories.batching import adapt_to_data
+from tinystories.runlog import DivergenceError, TrackerError
+from tinystories.train import TrainingError, accumulate_gradients, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,95 +46,6 @@ def tiny_run(data: Path, *overrides: str) -> RunConfig:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-# --- schedule ------------------------------------------------------------------------------------
-
-
-def test_cosine_schedule_at_hand_computed_steps():
-    config = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="cosine")
-    assert lr_multiplier(0, config) == pytest.approx(0.1)  # (0 + 1) / 10
-    assert lr_multiplier(4, config) == pytest.approx(0.5)
-    assert lr_multiplier(9, config) == pytest.approx(1.0)
-    assert lr_multiplier(10, config) == pytest.approx(1.0)  # decay starts at the end of warmup
-    assert lr_multiplier(60, config) == pytest.approx(0.55)  # halfway: 0.1 + 0.9 * 0.5
-    assert lr_multiplier(35, config) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
-    assert lr_multiplier(110, config) == pytest.approx(0.1)
-    assert learning_rate(60, TrainConfig(lr=3e-3, warmup_steps=10, max_steps=110)) == pytest.approx(3e-3 * 0.55)
-
-
-def test_wsd_and_constant_schedules():
-    wsd = TrainConfig(lr=1.0, warmup_steps=0, max_steps=100, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
-    assert [lr_multiplier(s, wsd) for s in (0, 50, 80)] == pytest.approx([1.0, 1.0, 1.0])
-    assert lr_multiplier(90, wsd) == pytest.approx(0.55)  # halfway through the decay: 1 - 0.9 * 0.5
-    assert lr_multiplier(100, wsd) == pytest.approx(0.1)
-    constant = TrainConfig(lr=1.0, warmup_steps=4, max_steps=100, schedule="constant")
-    assert [lr_multiplier(s, constant) for s in (0, 3, 50, 99)] == pytest.approx([0.25, 1.0, 1.0, 1.0])
-
-
-def test_time_limit_drives_the_schedule_when_it_is_ahead():
-    config = TrainConfig(lr=1.0, warmup_steps=0, max_steps=1000, min_lr_ratio=0.0, max_minutes=1.0)
-    assert lr_multiplier(10, config, elapsed_seconds=30.0) == pytest.approx(0.5)  # 30 s of 60: halfway
-    assert lr_multiplier(500, config, elapsed_seconds=1.0) == pytest.approx(0.5)  # steps are ahead: they count
-    assert lr_multiplier(10, config, elapsed_seconds=60.0) == pytest.approx(0.0)
-
-
-# --- optimizer -----------------------------------------------------------------------------------
-
-
-def gpt_with_everything() -> GPT:
-    return GPT(ModelConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, d_model=16, norm="layernorm",
-                           position="learned", mlp="gelu", bias=True, tie_embeddings=False))
-
-
-def test_weight_decay_only_on_matrices():
-    model = gpt_with_everything()
-    groups = parameter_groups(model)
-    decay = {name for name, _ in groups["decay"]}
-    no_decay = {name for name, _ in groups["no_decay"]}
-    expected_decay = {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
-    assert decay == expected_decay | {"lm_head.weight"}
-    assert {"tok_emb.weight", "pos_emb.weight", "norm_f.weight", "norm_f.bias", "blocks.0.attn.qkv.bias",
-            "blocks.1.norm2.weight"} <= no_decay
-    assert decay | no_decay == {name for name, _ in model.named_parameters()}
-    assert {name for name, _ in groups["hidden"]} == expected_decay  # Muon: block matrices, not the head
-    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
-    by_decay = {group["weight_decay"]: {id(p) for p in group["params"]} for group in optimizer.param_groups}
-    assert by_decay[0.1] == {id(p) for _, p in groups["decay"]}
-    assert by_decay[0.0] == {id(p) for _, p in groups["no_decay"]}
-
-
-def test_tied_head_is_not_decayed():
-    model = GPT(ModelConfig(vocab_size=50, context_length=16, n_layer=1, n_head=2, d_model=16, tie_embeddings=True))
-    decay = {name for name, _ in parameter_groups(model)["decay"]}
-    assert not any(name.startswith(("tok_emb", "lm_head")) for name in decay)
-
-
-def test_muon_for_hidden_matrices_adamw_for_the_rest():
-    model = gpt_with_everything()
-    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02), torch.device("cpu"))
-    muon, adamw = optimizer.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
-    muon_ids = {id(p) for group in muon.param_groups for p in group["params"]}
-    assert muon_ids == {id(p) for _, p in parameter_groups(model)["hidden"]}
-    assert id(model.lm_head.weight) not in muon_ids and id(model.tok_emb.weight) not in muon_ids
-    before = model.blocks[0].attn.qkv.weight.detach().clone()
-    model(torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)))[1].backward()
-    optimizer.set_lr_multiplier(0.5)
-    assert muon.param_groups[0]["lr"] == pytest.approx(0.01) and adamw.param_groups[0]["lr"] == pytest.approx(5e-4)
-    optimizer.step()
-    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
-
-
-def test_adamw8bit_falls_back_to_adamw_with_a_warning():
-    try:
-        import bitsandbytes  # noqa: F401
-        pytest.skip("bitsandbytes is installed: no fallback to test")
-    except ImportError:
-        pass
-    with pytest.warns(UserWarning, match="bitsandbytes"):
-        optimizer = build_optimizer(gpt_with_everything(), TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
-    assert isinstance(optimizer.optimizers[0], torch.optim.AdamW)
 
 
 # --- gradients and losses ------------------------------------------------------------------------
@@ -222,8 +126,8 @@ def test_tiny_model_learns_and_writes_the_run_layout(prepared_small, tmp_path):
     for which in ("last", "best"):
         assert (run_dir / "checkpoints" / which / "model.safetensors").is_file()
     state = load_training_state(run_dir / "checkpoints" / "last")  # torch.load(weights_only=True)
-    assert state["step"] == 40 and state["batches"]["position"] == 40
-    assert isinstance(state["rng"]["torch"], torch.Tensor)
+    assert state["loop"]["step"] == 40 and state["batches"]["position"] == 40
+    assert isinstance(state["loop"]["rng"][0]["torch"], torch.Tensor)
 
 
 def test_resume_extends_a_finished_run_through_the_cli(prepared_small, tmp_path):
@@ -233,9 +137,9 @@ def test_resume_extends_a_finished_run_through_the_cli(prepared_small, tmp_path)
     common = ["--data", str(prepared_small), "--out", str(run_dir), "--no-progress", "--device", "cpu"]
     sets = [arg for item in TINY_OVERRIDES for arg in ("--set", item)]
     assert main(["train", *common, *sets, "--max-steps", "4"]) == 0
-    assert load_training_state(run_dir / "checkpoints" / "last")["step"] == 4
+    assert load_training_state(run_dir / "checkpoints" / "last")["loop"]["step"] == 4
     assert main(["train", "--out", str(run_dir), "--no-progress", "--max-steps", "7"]) == 0  # no --data: saved
-    assert load_training_state(run_dir / "checkpoints" / "last")["step"] == 7
+    assert load_training_state(run_dir / "checkpoints" / "last")["loop"]["step"] == 7
     assert RunConfig.load(run_dir / "config.json").train.max_steps == 7
     steps = [r["step"] for r in read_metrics(run_dir) if "train_loss" in r]
     assert steps == list(range(1, 8))  # no duplicated or missing log lines across the resume
@@ -278,12 +182,12 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(prepared_small,
         model.register_forward_hook(inject_nan)
         return model
 
-    monkeypatch.setattr(train_module, "create_model", model_that_diverges)
+    monkeypatch.setattr(train_setup, "create_model", model_that_diverges)
     run_dir = tmp_path / "run"
-    with pytest.raises(TrainingError, match=r"diverged at step 8: loss nan.*checkpoints/last \(step 5\)"):
+    with pytest.raises(DivergenceError, match=r"diverged at step 8: loss nan.*checkpoints/last \(step 5\)"):
         train(tiny_run(prepared_small, "max_steps=20", "eval_every=5"), run_dir, progress=False)
     state = load_training_state(run_dir / "checkpoints" / "last")
-    assert state["step"] == 5
+    assert state["loop"]["step"] == 5
     assert all(torch.isfinite(t).all() for t in load_weights(run_dir / "checkpoints" / "last").values())
 
 
@@ -306,7 +210,7 @@ def test_divergence_between_log_steps_is_found_at_the_next_read_and_nothing_bad_
         model.register_forward_hook(inject_nan)
         return model
 
-    monkeypatch.setattr(train_module, "create_model", model_that_diverges)
+    monkeypatch.setattr(train_setup, "create_model", model_that_diverges)
     read_at_steps = []
     real_read = torch.Tensor.tolist
 
@@ -317,10 +221,10 @@ def test_divergence_between_log_steps_is_found_at_the_next_read_and_nothing_bad_
 
     monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
     run_dir = tmp_path / "run"
-    with pytest.raises(TrainingError, match=r"diverged at step 7: loss nan.*checkpoints/last \(step 5\)"):
+    with pytest.raises(DivergenceError, match=r"diverged at step 7: loss nan.*checkpoints/last \(step 5\)"):
         train(tiny_run(prepared_small, "max_steps=20", "eval_every=5", "log_every=3"), run_dir, progress=False)
     assert read_at_steps == [3, 2, 1, 3]  # reads at steps 3, 5 (eval), 6 and 9: one per log interval or eval
-    assert load_training_state(run_dir / "checkpoints" / "last")["step"] == 5
+    assert load_training_state(run_dir / "checkpoints" / "last")["loop"]["step"] == 5
     assert [r["step"] for r in read_metrics(run_dir) if "train_loss" in r] == [3, 6]  # nothing logged after
 
 
@@ -342,16 +246,17 @@ def test_truncated_checkpoint_is_one_clear_error(prepared_small, tmp_path):
         train(tiny_run(prepared_small, "max_steps=4"), run_dir, progress=False)
 
 
-def test_missing_tracker_is_a_user_error(prepared_small, tmp_path):
-    for option, module in (("wandb=proj", "wandb"), ("tensorboard=true", "tensorboard")):
-        try:
-            __import__(module)
-            continue  # installed: nothing to refuse
-        except ImportError:
-            pass
-        with pytest.raises(TrainingError, match=f"{module} is not installed"):
-            train(tiny_run(prepared_small, option), tmp_path / module, progress=False)
-        assert not (tmp_path / module).exists()  # refused before anything was written
+@pytest.mark.parametrize("option, module", [("wandb=proj", "wandb"), ("tensorboard=true", "torch.utils.tensorboard")])
+def test_missing_tracker_is_a_user_error(prepared_small, tmp_path, option, module):
+    try:
+        __import__(module)
+    except ImportError:
+        pass
+    else:
+        pytest.skip(f"{module} is installed here: there is nothing to refuse")
+    with pytest.raises(TrackerError, match="is not installed"):
+        train(tiny_run(prepared_small, option), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 # --- every preset trains -------------------------------------------------------------------------
@@ -443,8 +348,8 @@ def test_interrupted_runs_resume_bit_exactly(prepared_small, tmp_path):
     assert codes[interrupted] == 130, processes[interrupted].stderr.read().decode()[-2000:]
     assert codes[killed] == -signal.SIGKILL
     assert codes[reference] == 0, processes[reference].stderr.read().decode()[-2000:]
-    assert 70 <= load_training_state(interrupted / "checkpoints" / "last")["step"] < steps  # saved on SIGINT
-    assert load_training_state(killed / "checkpoints" / "last")["step"] == 40  # the last eval's checkpoint
+    assert 70 <= load_training_state(interrupted / "checkpoints" / "last")["loop"]["step"] < steps  # saved on SIGINT
+    assert load_training_state(killed / "checkpoints" / "last")["loop"]["step"] == 40  # the last eval's checkpoint
 
     resumed = [subprocess.Popen(commands[run], env=subprocess_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE) for run in (interrupted, killed)]
@@ -467,7 +372,7 @@ def test_sigterm_checkpoints_and_exits_143(prepared_small, tmp_path):
     assert code == 143, output
     assert "SIGTERM: saved" in output and "sigterm after" in output
     state = load_training_state(run_dir / "checkpoints" / "last")
-    assert state["step"] >= 20
+    assert state["loop"]["step"] >= 20
     assert load_weights(run_dir / "checkpoints" / "last")  # loadable
 
 

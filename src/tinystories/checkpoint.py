@@ -4,12 +4,18 @@
     RUN/tokenizer.json, tokenizer_meta.json
     RUN/metrics.jsonl, RUN/loss.png
     RUN/checkpoints/last/           model.safetensors (+ state.pt: optimizer, schedule, RNG, data position)
-    RUN/checkpoints/best/           model.safetensors (the lowest validation loss so far)
+                                    (+ model_ema.safetensors: the weight average, when training keeps one)
+    RUN/checkpoints/best/           the same, from the evaluation with the lowest validation loss so far
+
+Generation, evaluation and export use the weight average when a checkpoint has one (it is what the
+run evaluated), the raw weights otherwise; resuming loads both.
 
 Saving is atomic: a checkpoint is written into a fresh hidden directory, and then the name `last`
 (a symbolic link) is switched to it with one rename. A process killed at any moment leaves the
-previous checkpoint whole. Loading never unpickles arbitrary objects: weights are safetensors and
-the training state is read with `torch.load(weights_only=True)`.
+previous checkpoint whole; so does a full disk (the error is one line). Every file of one save carries
+the same random save id, so weights and state from different saves (or runs) are refused, never mixed.
+Loading never unpickles arbitrary objects: weights are safetensors and the training state is read
+with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tinystories.config import ConfigError, ModelConfig, RunConfig
 from tinystories.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
+EMA_FILE = "model_ema.safetensors"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 
@@ -50,33 +57,51 @@ def _weights_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module,
-                    extra_state: dict[str, Any] | None = None, metadata: dict[str, str] | None = None) -> Path:
-    """Atomically write `directory` (weights, and training state if given). Returns its path."""
+                    extra_state: dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
+                    ema_weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Atomically write `directory`: the weights, and the training state and weight average if given.
+
+    A failed write (a full disk, say) leaves the previous checkpoint as it was and raises a one-line
+    CheckpointError."""
     directory = Path(directory)
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     version = parent / f".{directory.name}-{uuid.uuid4().hex[:12]}"
-    version.mkdir()
     try:
-        info = {"format": "pt"}
-        if getattr(model, "config", None) is not None:
-            info["model_config"] = json.dumps(model.config.to_dict())
-        info.update(metadata or {})
-        save_file(_weights_to_save(_unwrap(model)), str(version / WEIGHTS_FILE), metadata=info)
-        if extra_state is not None:
-            torch.save(extra_state, version / STATE_FILE)
-        _fsync_directory(version)
+        version.mkdir()
+        _write_version(version, _unwrap(model), extra_state, metadata, ema_weights)
         link_temp = parent / f".{directory.name}.link-{uuid.uuid4().hex[:8]}"
         os.symlink(version.name, link_temp)
         if directory.exists() and not directory.is_symlink():
             shutil.rmtree(directory)  # a plain directory (copied or hand-made) is replaced by the link
         os.replace(link_temp, directory)  # the atomic switch
         _fsync_directory(parent)
+    except OSError as error:
+        shutil.rmtree(version, ignore_errors=True)
+        kept = "the previous checkpoint is kept" if (directory / WEIGHTS_FILE).is_file() else "nothing was saved"
+        raise CheckpointError(f"{directory}: cannot write the checkpoint ({error.strerror or error}); {kept}") from None
     except BaseException:
         shutil.rmtree(version, ignore_errors=True)
         raise
     _remove_stale_versions(parent, directory.name)
     return directory
+
+
+def _write_version(version: Path, model: torch.nn.Module, extra_state: dict[str, Any] | None,
+                   metadata: dict[str, str] | None, ema_weights: dict[str, torch.Tensor] | None) -> None:
+    """Write one save's files into the fresh directory `version`, all stamped with one save id."""
+    save_id = uuid.uuid4().hex
+    info = {"format": "pt", "save_id": save_id}
+    if getattr(model, "config", None) is not None:
+        info["model_config"] = json.dumps(model.config.to_dict())
+    info.update(metadata or {})
+    save_file(_weights_to_save(model), str(version / WEIGHTS_FILE), metadata=info)
+    if ema_weights is not None:
+        ema = {name: tensor.detach().to("cpu").contiguous() for name, tensor in ema_weights.items()}
+        save_file(ema, str(version / EMA_FILE), metadata=info)
+    if extra_state is not None:
+        torch.save({**extra_state, "save_id": save_id}, version / STATE_FILE)
+    _fsync_directory(version)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -127,14 +152,47 @@ def copy_checkpoint(source: str | os.PathLike, destination: str | os.PathLike) -
     return destination
 
 
-def load_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(directory) / WEIGHTS_FILE
+def load_weights(directory: str | os.PathLike, file: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    path = Path(directory) / file
     if not path.is_file():
         raise CheckpointError(f"{path}: no such weights file")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({error})") from None
+        raise CheckpointError(f"{path}: unreadable or truncated safetensors file ({_first_line(error)})") from None
+
+
+def load_inference_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights to generate, evaluate and export with: the weight average if the checkpoint has one."""
+    return load_weights(directory, EMA_FILE if (Path(directory) / EMA_FILE).is_file() else WEIGHTS_FILE)
+
+
+def save_id(directory: str | os.PathLike, file: str = WEIGHTS_FILE) -> str | None:
+    """The save id stamped into a weights file's metadata (None for files written before save ids)."""
+    try:
+        with safe_open(str(Path(directory) / file), framework="pt") as handle:
+            return (handle.metadata() or {}).get("save_id")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{Path(directory) / file}: unreadable or truncated safetensors file "
+                              f"({_first_line(error)})") from None
+
+
+def check_same_save(directory: str | os.PathLike, state: dict[str, Any] | None) -> None:
+    """Refuse a checkpoint whose files come from different saves (copied together from two runs)."""
+    directory = Path(directory)
+    ids = {WEIGHTS_FILE: save_id(directory)}
+    if (directory / EMA_FILE).is_file():
+        ids[EMA_FILE] = save_id(directory, EMA_FILE)
+    if state is not None:
+        ids[STATE_FILE] = state.get("save_id")
+    if None not in ids.values() and len(set(ids.values())) > 1:
+        raise CheckpointError(f"{directory}: {', '.join(ids)} come from different saves (files copied between "
+                              "checkpoints or runs?); restore the directory as one piece")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -144,7 +202,7 @@ def load_training_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path}: unreadable training state ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{path}: unreadable training state ({type(error).__name__}: {_first_line(error)})") from None
 
 
 def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -220,7 +278,7 @@ def load_run(path: str | os.PathLike, checkpoint: str = "best", device: str | to
     path = shipped_model_path(path) or Path(path)
     directory, home = resolve_checkpoint(path, checkpoint)
     run_config = load_run_config(home)
-    model = build_model(run_config.model, load_weights(directory), source=str(directory))
+    model = build_model(run_config.model, load_inference_weights(directory), source=str(directory))
     tokenizer = load_tokenizer(home)
     if tokenizer.vocab_size > run_config.model.vocab_size:
         raise CheckpointError(f"{home}: tokenizer has {tokenizer.vocab_size} tokens but the model only "

@@ -159,11 +159,12 @@ class TrainConfig:
     schedule: str = "cosine"  # 'cosine' | 'wsd' (warmup-stable-decay) | 'constant'
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # wsd: the last fraction of training that decays
-    weight_decay: float = 0.1  # matrices only; embeddings, norms and biases get none
+    weight_decay: float = 0.1  # weight matrices (Muon's and AdamW's); norms and biases are never decayed
+    embedding_weight_decay: float = 0.0  # the token (and position) embeddings, which a tied head shares
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    batching: str = "windows"  # 'windows' (random windows of the shards) | 'stories' (padded, story-aligned)
+    batching: str = "windows"  # 'windows' (random windows) | 'epochs' (every window once per pass, reshuffled) | 'stories' (padded whole stories)
     eval_every: int = 200  # steps between evaluations (and checkpoints)
     eval_tokens: int = 65536  # size of the fixed validation subset evaluated each time
     log_every: int = 10
@@ -172,6 +173,8 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'mps'
     dtype: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 elsewhere) | 'float32' | 'bfloat16'
     compile: bool = False
+    deterministic: bool = True  # the same seed, data and thread count give bit-identical runs (compiled too)
+    ema_decay: float | None = None  # None: off; d: also keep, evaluate and ship an average of the weights
     sample_tokens: int = 120  # length of the sample story printed at each evaluation (0: none)
     wandb: str | None = None  # a Weights & Biases project name
     tensorboard: bool = False
@@ -186,7 +189,8 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.optimizer in ("adamw", "muon", "adamw8bit"), f"optimizer must be adamw, muon or adamw8bit, got {self.optimizer!r}")
         need(self.schedule in ("cosine", "wsd", "constant"), f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
-        need(self.batching in ("windows", "stories"), f"batching must be 'windows' or 'stories', got {self.batching!r}")
+        need(self.batching in ("windows", "epochs", "stories"),
+             f"batching must be 'windows', 'epochs' or 'stories', got {self.batching!r}")
         need(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
              f"device must be auto, cpu, cuda or mps, got {self.device!r}")
         need(self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
@@ -194,6 +198,8 @@ class TrainConfig:
         need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
         need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         need(self.patience is None or self.patience > 0, "patience must be None or positive")
+        need(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, f"ema_decay must be None or in (0, 1), got {self.ema_decay}")
+        need(self.weight_decay >= 0 and self.embedding_weight_decay >= 0, "weight decays must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -470,3 +476,67 @@ def _from_dict(cls: type, values: dict[str, Any], section: str):
         return cls(**values)
     except TypeError as error:
         raise ConfigError(f"{section} config: {error}") from None
+
+
+class SamplingError(UserError):
+    """A sampling option is out of range (message is one line naming the option)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON/Python True is not 1 here
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token and when to stop: the one place sampling defaults and limits live
+    (the library, `generate`'s flags and the server all read them). `temperature=0` is greedy decoding.
+
+    Filters apply in this order: repetition penalty, temperature, top-k, top-p.
+    """
+
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0: greedy (argmax); top_k / top_p are then irrelevant
+    top_k: int = 0  # 0: off; else sample among the k most likely tokens
+    top_p: float = 1.0  # 1: off; else the smallest set of tokens whose probability reaches top_p
+    repetition_penalty: float = 1.0  # 1: off; CTRL-style on tokens already in the prompt or output
+    seed: int | None = None  # None: fresh randomness each call
+    stop: tuple[str, ...] = ()  # stop strings: the text is cut before the first one that appears
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop or ())
+        self.validate()
+
+    def validate(self) -> None:
+        for valid, message in (
+            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+             f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"),
+            (_is_finite_number(self.temperature) and self.temperature >= 0,
+             f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}"),
+            (_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
+            (_is_finite_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (_is_finite_number(self.repetition_penalty) and self.repetition_penalty > 0,
+             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"),
+            (self.seed is None or _is_int(self.seed), f"seed must be an integer or None, got {self.seed!r}"),
+            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty strings, got {self.stop!r}"),
+        ):
+            if not valid:
+                raise SamplingError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "SamplingConfig":
+        """Build from keyword options, with a one-line error for an unknown one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise SamplingError(f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**options)

@@ -1,14 +1,27 @@
-"""Which torch device to run on: one parser for every command (train, generate, eval, serve, export).
+"""Which torch device to run on, and how fast it can go.
 
     parse_device("auto")    -> cuda if available, else mps if available, else cpu
     parse_device("cuda:1")  -> that device, or a one-line UserError if this machine has no CUDA
+    peak_flops(device)      -> the FLOP/s that MFU is measured against (one stable figure per machine)
+    autocast_dtype, autocast, to_device, use_all_cores: how training runs on the device it got
+
+One parser for every command (train, generate, eval, serve, export).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from tinystories.errors import UserError
+from tinystories.files import write_json_atomic
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
@@ -41,3 +54,100 @@ def parse_device(requested: str | torch.device = "auto") -> torch.device:
     if device.type == "mps" and not mps_available():
         raise UserError(f"--device {requested}: MPS is not available on this machine")
     return device
+
+
+# --------------------------------------------------------------------------------------------------
+# Running on the device
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of TrainConfig.dtype, or None for plain fp32: 'auto' is bf16 on CUDA, fp32 elsewhere."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A numpy batch on `device`: through pinned memory and without waiting, on CUDA."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def use_all_cores(device: torch.device) -> None:
+    """Every core, unless the user pinned a count the usual way (OMP_NUM_THREADS); TF32 matmuls on CUDA."""
+    if device.type == "cpu":
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else os.cpu_count() or 1)
+    if device.type == "cuda":  # tensor cores for the fp32 matmuls that remain outside bf16 autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak FLOP/s, for MFU
+
+# bf16 dense peak FLOP/s of known GPUs (no sparsity), matched against torch.cuda.get_device_name().
+GPU_BF16_PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "A100": 312e12, "A800": 312e12, "A6000": 155e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+    "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s for MFU: a known GPU's bf16 peak; on CPU the fp32 matmul rate measured once per
+    machine and thread count and cached (so a busy moment never lowers it mid-run); else None."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((value for key, value in GPU_BF16_PEAK_FLOPS.items() if key in name), None)
+    if device.type == "cpu":
+        return cached_cpu_peak_flops()
+    return None
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("TINYSTORIES_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tinystories")
+    return Path(root) / "cpu_peak_flops.json"
+
+
+def _cpu_key() -> str:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def cached_cpu_peak_flops() -> float:
+    """The best fp32 matmul FLOP/s seen on this CPU at this thread count (measured the first time)."""
+    path, key = _cache_file(), _cpu_key()
+    cache: dict[str, float] = {}
+    with contextlib.suppress(OSError, ValueError):
+        cache = json.loads(path.read_text())
+    if not isinstance(cache.get(key), (int, float)):
+        cache[key] = measure_cpu_matmul_flops()
+        with contextlib.suppress(OSError):  # a read-only home only costs a re-measurement next time
+            write_json_atomic(path, cache)
+    return float(cache[key])
+
+
+def measure_cpu_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a square fp32 matmul on this CPU, the fastest of several timings (a practical peak)."""
+    generator = torch.Generator().manual_seed(0)  # its own: measuring must not move the training RNG
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    a @ b  # warm-up: thread pool start, first-call allocations
+    fastest = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2.0 * size ** 3 / fastest

@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: the preset's choice)")
     parser.add_argument("--init-from", metavar="RUN", help="start from another run's weights (fine-tuning)")
-    parser.add_argument("--batching", choices=["windows", "stories"], help="random windows or padded whole stories")
+    parser.add_argument("--batching", choices=["windows", "epochs", "stories"],
+                        help="random windows, every window once per pass (reshuffled), or padded whole stories")
     parser.add_argument("--optimizer", choices=["adamw", "muon", "adamw8bit"])
     parser.add_argument("--wandb", metavar="PROJECT", help="log to this Weights & Biases project (needs wandb)")
     parser.add_argument("--tensorboard", action="store_true", default=None, help="log to RUN/tensorboard (needs tensorboard)")
@@ -57,7 +58,8 @@ def build_run_config(args: argparse.Namespace):
     then --set overrides, then explicit flags; a new run adapts to its data's tokenizer."""
     from tinystories.checkpoint import load_run_config
     from tinystories.config import ConfigError, RunConfig, apply_overrides
-    from tinystories.train import TrainingError, adapt_to_data
+    from tinystories.batching import adapt_to_data
+    from tinystories.train import TrainingError
 
     out = Path(args.out)
     notes: list[str] = []
@@ -91,6 +93,7 @@ def build_run_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from tinystories.runlog import summary_line
     from tinystories.train import train
 
     run_config, notes = build_run_config(args)
@@ -100,8 +103,5 @@ def run(args: argparse.Namespace) -> int:
     summary = train(run_config, args.out, resume=True, init_from=args.init_from, progress=args.progress)
     if summary.get("rank", 0) != 0:
         return EXIT_CODES.get(summary["stop_reason"], 0)
-    best = summary["best_val_loss"]
-    best_text = f"best val loss {best:.4f} ({summary['best_val_bpb']:.4f} bits/byte)" if best is not None else "no evaluation yet"
-    print(f"tinystories: {summary['stop_reason']} after {summary['steps']} steps, {summary['tokens']:,} tokens, "
-          f"{summary['seconds']:.0f}s; {best_text}; run in {args.out}", file=sys.stderr)
+    print(summary_line(summary), file=sys.stderr)
     return EXIT_CODES.get(summary["stop_reason"], 0)
