@@ -35,7 +35,7 @@ from tinystories.errors import UserError
 from tinystories.export_gguf import check_gguf_compatible, write_gguf
 from tinystories.export_hf import (SAMPLE_PROMPT, SAMPLE_TOKENS, CardFacts, checkpoint_evaluation, hf_architecture,
                                    hf_config, hf_state_dict, model_card, tokenizer_config, training_command)
-from tinystories.files import atomic_path, write_json_atomic, write_text_atomic
+from tinystories.files import atomic_path, check_output_path, write_json_atomic, write_text_atomic
 from tinystories.llama2c import (byte_level_pieces, byte_level_tokenizer_from_pieces, byte_level_vocab_order,
                                  check_llama2c_compatible, is_byte_level_vocab, read_llama2c_bin, write_llama2c_bin)
 from tinystories.tokenizer import EOT, byte_level_tokenizer, unicode_to_bytes
@@ -107,32 +107,21 @@ def load_source(run: str | os.PathLike, checkpoint: str = "best") -> ExportSourc
 
 
 def check_out_dir(out: Path, force: bool = False) -> None:
-    """Refuse an --out directory that cannot be (re)written: a file, a non-empty directory without
-    `force`, an unreadable directory, or a path under a file."""
+    """Refuse an --out directory that cannot be (re)written: a file, a path under a file, a non-empty
+    directory without `force`, or an unreadable directory."""
+    check_output_path(out, "--out", folder=True)
     try:
-        if out.exists() and not out.is_dir():
-            raise ExportError(f"--out {out}: exists and is not a directory")
         if out.is_dir() and any(out.iterdir()) and not force:
             raise ExportError(f"--out {out}: directory exists and is not empty (use --force to replace it)")
     except OSError as error:
         raise ExportError(f"--out {out}: cannot read it ({error.strerror or error})") from None
-    _check_parent(out)
 
 
 def check_out_file(out: Path, force: bool = False) -> None:
-    """Refuse an --out file that exists (without `force`) or whose folder cannot be made."""
+    """Refuse an --out file that exists (without `force`), is a folder, or sits under a file."""
+    check_output_path(out, "--out")
     if out.exists() and not force:
         raise ExportError(f"--out {out}: file exists (use --force to replace it)")
-    _check_parent(out)
-
-
-def _check_parent(out: Path) -> None:
-    """The nearest existing folder above `out` must be a directory (so `out`'s folders can be made)."""
-    ancestor = out.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ExportError(f"--out {out}: {ancestor} is a file, not a directory")
 
 
 @contextmanager
@@ -359,9 +348,12 @@ def import_llama2c(model_bin: str | os.PathLike, tokenizer_bin: str | os.PathLik
     kind 'bpe' tokenizer (tokenizer.json, tokenizer_meta.json) with the file's ids.
     """
     model_bin, tokenizer_bin = Path(model_bin), Path(tokenizer_bin)
-    for path, what in ((model_bin, "MODEL.bin"), (tokenizer_bin, "--tokenizer")):
-        if not path.is_file():
+    for path, what in ((model_bin, "MODEL"), (tokenizer_bin, "--tokenizer")):
+        if not path.exists():
             raise ExportError(f"{what} {path}: no such file")
+        if not path.is_file():
+            raise ExportError(f"{what} {path}: is a folder; expected a llama2.c .bin file")
+    check_out_dir(Path(out), force)  # before reading the model
     config, weights = read_llama2c_bin(model_bin)
     pieces, scores, _ = read_tokenizer_bin(tokenizer_bin, vocab_size=config.vocab_size)
     if is_byte_level_vocab(pieces):

@@ -67,13 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"tinystories: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except OSError as error:  # a path the user gave that cannot be read or written (permissions, a folder, ...)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"tinystories: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("tinystories: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): stop quietly, as other command-line tools do.
-        import os
 
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 141
+
+def _quiet_broken_pipe() -> int:
+    """The reader went away (e.g. `| head`): stop quietly, as other command-line tools do."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141

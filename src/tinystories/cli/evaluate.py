@@ -36,9 +36,29 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tinystories import evaluate
-    from tinystories.errors import UserError
-    from tinystories.files import write_json_atomic
+    from tinystories.files import check_output_path, write_json_atomic
     from tinystories.generate import SamplingConfig, load_model
+
+    _check_counts(args)
+    if args.json:
+        check_output_path(args.json, "--json")  # before the work, not after it
+    sampling = vars(SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p))  # checks the options before the model loads
+    sampling.pop("seed")
+    lm = load_model(chosen_model(args), checkpoint=args.checkpoint, device=args.device, quantize=args.quantize)
+    results = _text_results(args, lm) if args.input else _shard_results(args, lm)
+    if args.samples:
+        print(f"tinystories: sampling {args.samples} stories", file=sys.stderr)
+        results.update(evaluate.evaluate_generation(lm, args.samples, seed=args.seed, **sampling))
+    print_results_table(results)
+    if args.json:
+        write_json_atomic(args.json, results)
+        print(f"tinystories: wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    from tinystories.errors import UserError
 
     if args.samples < 0:
         raise UserError(f"--samples must be >= 0, got {args.samples}")
@@ -48,32 +68,41 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.max_tokens is not None and args.input:
         raise UserError("--max-tokens applies to --data shards; with --input, pass a smaller file")
-    sampling = vars(SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p))  # checks the options before the model loads
-    sampling.pop("seed")
-    lm = load_model(chosen_model(args), checkpoint=args.checkpoint, device=args.device, quantize=args.quantize)
 
-    results: dict = {}
-    if args.input:
-        from tinystories.data import read_stories
 
-        stories = list(read_stories(args.input))
-        print(f"tinystories: evaluating {len(stories):,} stories from {' '.join(args.input)}", file=sys.stderr)
-        results.update(evaluate.evaluate_text(lm, stories, batch_size=args.batch_size))
-        results["source"] = "input: " + " ".join(args.input)
-    else:
-        data_dir = args.data or (lm.config.data if lm.config is not None else None)
-        if not data_dir or not Path(data_dir).is_dir():
-            raise UserError("no evaluation text: pass --data DIR (prepared shards) or --input FILE "
-                            f"(the run's data directory {data_dir!r} is not there)")
-        print(f"tinystories: evaluating val.bin of {data_dir}", file=sys.stderr)
-        results.update(evaluate.evaluate_shards(lm, data_dir, args.max_tokens, args.batch_size))
-        results["source"] = f"data: {data_dir}"
-        print(f"tinystories: bytes from {results['bytes_source']}", file=sys.stderr)
-    if args.samples:
-        print(f"tinystories: sampling {args.samples} stories", file=sys.stderr)
-        results.update(evaluate.evaluate_generation(lm, args.samples, seed=args.seed, **sampling))
+def _text_results(args: argparse.Namespace, lm) -> dict:
+    from tinystories import evaluate
+    from tinystories.data import read_stories
 
+    stories = list(read_stories(args.input))
+    print(f"tinystories: evaluating {len(stories):,} stories from {' '.join(args.input)}", file=sys.stderr)
+    results = evaluate.evaluate_text(lm, stories, batch_size=args.batch_size)
+    results["source"] = "input: " + " ".join(args.input)
+    return results
+
+
+def _shard_results(args: argparse.Namespace, lm) -> dict:
+    from tinystories import evaluate
+    from tinystories.data import load_meta
+    from tinystories.errors import UserError
+
+    data_dir = args.data or (lm.config.data if lm.config is not None else None)
+    if args.data and not Path(args.data).is_dir():
+        kind = "is a file" if Path(args.data).exists() else "no such directory"
+        raise UserError(f"--data {args.data}: {kind}; expected prepared shards (`tinystories data prepare`)")
+    if not data_dir or not Path(data_dir).is_dir():
+        raise UserError("no evaluation text: pass --data DIR (prepared shards) or --input FILE "
+                        f"(the run's data directory {data_dir!r} is not there)")
+    load_meta(data_dir)  # a folder without shards fails here, before anything is printed
+    print(f"tinystories: evaluating val.bin of {data_dir}", file=sys.stderr)
+    results = evaluate.evaluate_shards(lm, data_dir, args.max_tokens, args.batch_size)
+    results["source"] = f"data: {data_dir}"
+    print(f"tinystories: bytes from {results['bytes_source']}", file=sys.stderr)
+    return results
+
+
+def print_results_table(results: dict) -> None:
+    """The results as a markdown table on stdout."""
     rows = [("val_loss", "{:.4f}"), ("perplexity", "{:.3f}"), ("bits_per_byte", "{:.4f}"), ("tokens", "{:,}"),
             ("bytes", "{:,}"), ("samples", "{}"), ("distinct_1", "{:.3f}"), ("distinct_2", "{:.3f}"),
             ("distinct_3", "{:.3f}"), ("repeated_4gram_fraction", "{:.3f}"), ("mean_words", "{:.1f}"),
@@ -82,7 +111,3 @@ def run(args: argparse.Namespace) -> int:
     for name, form in rows:
         if name in results:
             print(f"| {name} | {form.format(results[name])} |")
-    if args.json:
-        write_json_atomic(args.json, results)
-        print(f"tinystories: wrote {args.json}", file=sys.stderr)
-    return 0

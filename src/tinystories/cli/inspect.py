@@ -62,15 +62,19 @@ def _model_config(args: argparse.Namespace):
 
 
 def run_diagram(args: argparse.Namespace) -> int:
+    from tinystories.files import check_output_path
     from tinystories.visualize import draw_architecture
 
+    check_output_path(args.out, "--out")
     print(draw_architecture(_model_config(args), args.out))
     return 0
 
 
 def run_attention(args: argparse.Namespace) -> int:
+    from tinystories.files import check_output_path
     from tinystories.visualize import attention_figure
 
+    check_output_path(args.out, "--out")
     print(attention_figure(chosen_model(args), args.prompt, args.out, layer=args.layer, checkpoint=args.checkpoint,
                            max_tokens=args.max_tokens))
     return 0
