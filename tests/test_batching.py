@@ -128,3 +128,38 @@ def test_eval_windows_are_fixed_and_cover_the_split():
     assert len(starts) == 100
     assert starts[0] == 0 and starts[-1] == 10_000 - 33
     np.testing.assert_array_equal(starts, batching.eval_window_starts(10_000, 32, 3200))
+
+
+def test_epochs_serve_every_window_once_per_pass_in_a_new_order():
+    tokens = np.arange(1000, dtype=np.uint16)  # token value == position
+    T, N = 10, 7
+    sampler = batching.EpochWindows(tokens, T, N, seed=5)
+    per_pass = sampler.windows_per_pass
+    assert per_pass == (1000 - T) // T  # the same count whatever the pass's offset
+    starts = []
+    while len(starts) < 3 * per_pass:
+        x, y = sampler.next_batch()
+        np.testing.assert_array_equal(x, x[:, :1] + np.arange(T))
+        np.testing.assert_array_equal(y, x + 1)
+        starts.extend(int(s) for s in x[:, 0])
+    passes = [starts[i * per_pass:(i + 1) * per_pass] for i in range(3)]
+    for one in passes:
+        offset = min(one) % T
+        assert sorted(one) == [offset + T * k for k in range(per_pass)]  # each window exactly once
+        assert max(one) + T + 1 <= 1000  # the last window's target stays in the shard
+    assert passes[0] != passes[1] != passes[2]  # reshuffled every pass
+
+
+def test_epochs_resume_from_their_position():
+    tokens = np.arange(3000, dtype=np.uint16)
+    straight = batching.EpochWindows(tokens, 16, 8, seed=2)
+    expected = [straight.next_batch()[0] for _ in range(40)]  # crosses into the second pass
+    first = batching.EpochWindows(tokens, 16, 8, seed=2)
+    for _ in range(25):
+        first.next_batch()
+    resumed = batching.EpochWindows(tokens, 16, 8, seed=2)
+    resumed.load_state_dict(first.state_dict())
+    for batch in expected[25:]:
+        np.testing.assert_array_equal(resumed.next_batch()[0], batch)
+    with pytest.raises(batching.BatchError, match="saved data position is for windows"):
+        resumed.load_state_dict(batching.WindowBatches(tokens, 16, 8, seed=2).state_dict())

@@ -246,6 +246,93 @@ def test_truncated_checkpoint_is_one_clear_error(prepared_small, tmp_path):
         train(tiny_run(prepared_small, "max_steps=4"), run_dir, progress=False)
 
 
+def broken_by(fault: str, run_dir: Path, other_run: Path) -> None:
+    """Damage a finished run's checkpoint the way `fault` says."""
+    last = run_dir / "checkpoints" / "last"
+    if fault == "truncated weights":
+        weights = last / "model.safetensors"
+        weights.resolve().write_bytes(weights.read_bytes()[:100])
+    elif fault == "truncated state":
+        state = last / "state.pt"
+        state.resolve().write_bytes(state.read_bytes()[:200])
+    elif fault == "state from another run":
+        (last / "state.pt").resolve().write_bytes((other_run / "checkpoints" / "last" / "state.pt").read_bytes())
+    elif fault == "config does not match the weights":
+        config = json.loads((run_dir / "config.json").read_text())
+        config["model"]["n_layer"] = 2
+        (run_dir / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("truncated weights", "unreadable or truncated safetensors file"),
+    ("truncated state", "unreadable training state"),
+    ("state from another run", "come from different saves"),
+    ("config does not match the weights", "weights do not match the model config"),
+])
+def test_a_damaged_checkpoint_is_one_line_and_exit_2(prepared_small, tmp_path, capsys, fault, message):
+    from tinystories.cli import main
+
+    runs = {}
+    for name, seed in (("run", 1), ("other", 2)):
+        runs[name] = tmp_path / name
+        train(tiny_run(prepared_small, "max_steps=2", "eval_every=2", f"seed={seed}"), runs[name], progress=False)
+    broken_by(fault, runs["run"], runs["other"])
+    capsys.readouterr()
+    assert main(["train", "--out", str(runs["run"]), "--max-steps", "4", "--no-progress"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("tinystories: error: ") and message in errors[0], errors
+
+
+def test_data_from_another_tokenizer_is_refused_in_one_line(prepared_small, small_story_files, tmp_path, capsys):
+    from tinystories.cli import main
+    from tinystories.data import prepare
+
+    run_dir = tmp_path / "run"
+    train(tiny_run(prepared_small, "max_steps=2", "eval_every=2"), run_dir, progress=False)
+    train_file, valid_file = small_story_files
+    other = tmp_path / "other-shards"  # the same vocabulary size, trained on other text: other ids
+    prepare([valid_file, train_file], other, "bpe:512", [valid_file], progress=False)
+    capsys.readouterr()
+    assert main(["train", "--out", str(run_dir), "--data", str(other), "--max-steps", "4", "--no-progress"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert errors == [f"tinystories: error: --data {other}: its shards were made by another tokenizer than the run "
+                      f"in {run_dir} was trained with; use the run's own data or start a new run"], errors
+
+
+def test_weight_average_is_evaluated_saved_and_used_for_generation(prepared_small, tmp_path):
+    from tinystories.checkpoint import EMA_FILE, load_run
+
+    run_dir = tmp_path / "run"
+    train(tiny_run(prepared_small, "max_steps=6", "eval_every=3", "ema_decay=0.5"), run_dir, progress=False)
+    evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    assert len(evals) == 2 and all("val_loss_raw" in r and r["val_loss"] != r["val_loss_raw"] for r in evals)
+    last = run_dir / "checkpoints" / "last"
+    average = load_weights(last, EMA_FILE)
+    model, _, _ = load_run(run_dir, "last")
+    assert torch.equal(model.tok_emb.weight, average["tok_emb.weight"])  # generation uses the average
+    assert not torch.equal(average["tok_emb.weight"], load_weights(last)["tok_emb.weight"])
+
+
+def test_a_run_with_a_weight_average_resumes_bit_exactly(prepared_small, tmp_path, monkeypatch):
+    """Stopped at step 4 (as by SIGTERM) and resumed: the weights and their average equal a straight run's."""
+    from tinystories import train as train_loop
+    from tinystories.checkpoint import EMA_FILE
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run = tiny_run(prepared_small, "max_steps=8", "eval_every=3", "ema_decay=0.9", "batching=epochs", "dropout=0.1")
+    train(run, straight, progress=False)
+    real_stop_reason = train_loop.stop_reason
+    monkeypatch.setattr(train_loop, "stop_reason",
+                        lambda r, signals: "sigterm" if r.loop.step == 4 else real_stop_reason(r, signals))
+    assert train(run, stopped, progress=False)["stop_reason"] == "sigterm"
+    monkeypatch.setattr(train_loop, "stop_reason", real_stop_reason)
+    assert train(run, stopped, progress=False)["steps"] == 8
+    for file in ("model.safetensors", EMA_FILE):
+        ours = load_weights(stopped / "checkpoints" / "last", file)
+        for name, tensor in load_weights(straight / "checkpoints" / "last", file).items():
+            assert torch.equal(ours[name], tensor), (file, name)
+
+
 @pytest.mark.parametrize("option, module", [("wandb=proj", "wandb"), ("tensorboard=true", "torch.utils.tensorboard")])
 def test_missing_tracker_is_a_user_error(prepared_small, tmp_path, option, module):
     try:
