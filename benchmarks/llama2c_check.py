@@ -10,7 +10,7 @@ TinyStories) this script
 3. runs run.c greedily (`-t 0 -n STEPS -z tokenizer.bin`, with `-i PROMPT` or without any prompt),
 4. runs our greedy `load_model(run).generate(...)` on the same prompt and compares the text,
 5. imports the exported .bin with `tinystories import llama2c` and compares greedy text again,
-6. prints a markdown table and (with --append) appends it to benchmarks/RESULTS.md.
+6. prints a markdown table and appends it to benchmarks/RESULTS.md (not with --no-append).
 
 run.c conventions the comparison has to follow (read off run.c, not guessed):
 - run.c starts every sequence with token id 1 (BOS; our exporter puts our <|endoftext|> there) and
@@ -44,6 +44,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
@@ -239,107 +240,142 @@ def first_difference(a: str | list, b: str | list, what: str) -> str:
     return ""
 
 
-def compare_model(label: str, run_dir: Path, work: Path, binary: Path, id_binary: Path | None,
-                  new_tokens: int, cli: list[str]) -> list[Row]:
-    import torch
+@dataclass
+class Exported:
+    """One run exported to llama2.c, with what the comparison needs."""
 
-    from tinystories.checkpoint import build_model
-    from tinystories.generate import LanguageModel, load_model
-    from tinystories.llama2c import byte_level_vocab_order, read_llama2c_bin
+    label: str
+    export_dir: Path
+    ours: Any  # tinystories.generate.LanguageModel of the run
+    to_llama2c: dict[int, int]  # our id -> llama2c id
+    pieces: list[bytes]
+    scores: list[float]
+
+
+def export_for_run_c(label: str, run_dir: Path, work: Path, cli: list[str]) -> Exported:
+    from tinystories.generate import load_model
+    from tinystories.llama2c import byte_level_vocab_order
     from tinystories.vocab_bin import read_tokenizer_bin
 
     export_dir = work / f"{label}_llama2c"
     subprocess.run(cli + ["export", str(run_dir), "--format", "llama2c", "--out", str(export_dir), "--force"],
                    check=True, capture_output=True)
     ours = load_model(run_dir)
-    vocab_size = ours.model.config.vocab_size
     tokenizer_json = json.loads((run_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    order = byte_level_vocab_order(tokenizer_json, vocab_size, ours.tokenizer.eot_id)  # order[llama2c id] = our id
-    to_llama2c = {our_id: new_id for new_id, our_id in enumerate(order)}
+    order = byte_level_vocab_order(tokenizer_json, ours.model.config.vocab_size, ours.tokenizer.eot_id)  # llama2c id -> ours
     pieces, scores, _ = read_tokenizer_bin(export_dir / "tokenizer.bin")
-    seq_len = ours.model.config.context_length
-    rows: list[Row] = []
+    return Exported(label, export_dir, ours, {our_id: new_id for new_id, our_id in enumerate(order)}, pieces, scores)
 
-    # Import, the CLI way; if it refuses the file, still check the weights through read_llama2c_bin.
-    imported_dir = work / f"{label}_imported"
-    imported = subprocess.run(cli + ["import", "llama2c", str(export_dir / "model.bin"), "--tokenizer",
-                                     str(export_dir / "tokenizer.bin"), "--out", str(imported_dir), "--force"],
+
+def import_back(exported: Exported, work: Path, cli: list[str], rows: list[Row]) -> tuple[Any, Callable, str]:
+    """(model, ids -> llama2c ids, name) of the export read back: the CLI way, or if `tinystories import
+    llama2c` refuses the file, through read_llama2c_bin (a row says which)."""
+    from tinystories.generate import load_model
+
+    imported_dir = work / f"{exported.label}_imported"
+    imported = subprocess.run(cli + ["import", "llama2c", str(exported.export_dir / "model.bin"), "--tokenizer",
+                                     str(exported.export_dir / "tokenizer.bin"), "--out", str(imported_dir), "--force"],
                               capture_output=True, text=True)
-    back: LanguageModel | None = None
     if imported.returncode == 0:
-        back = load_model(imported_dir)  # its ids are llama2c ids already
-        back_ids = lambda ids: list(ids)  # noqa: E731
-        back_name = "CLI-imported"
-    else:
-        error = (imported.stderr.strip().splitlines() or ["?"])[-1]
-        rows.append(Row(label, "`tinystories import llama2c` of the export", "-", 0, False, False, error))
-        config, weights = read_llama2c_bin(export_dir / "model.bin")
-        rows_back = torch.as_tensor([to_llama2c[i] for i in range(vocab_size)])  # llama2c rows back in our order
-        weights["tok_emb.weight"] = weights["tok_emb.weight"][rows_back]
-        if "lm_head.weight" in weights:
-            weights["lm_head.weight"] = weights["lm_head.weight"][rows_back]
-        original = ours.model.state_dict()
-        worst = max((weights[k] - original[k]).abs().max().item() for k in weights)
-        resolved = lambda c: {**c.to_dict(), "d_ff": c.ffn_dim}  # noqa: E731  (d_ff None means the default width)
-        same_config = resolved(config) == resolved(ours.model.config)
-        rows.append(Row(label, "read_llama2c_bin(model.bin) vs saved weights", "-", 0, worst == 0.0 and same_config,
-                        worst == 0.0 and same_config,
-                        f"max abs weight difference {worst:g}; config {'equal' if same_config else 'differs'}"))
-        back = LanguageModel(build_model(config, weights).eval(), ours.tokenizer)
-        back_ids = lambda ids: [to_llama2c[t] for t in ids]  # noqa: E731
-        back_name = "re-read weights"
+        return load_model(imported_dir), list, "CLI-imported"  # its ids are llama2c ids already
+    error = (imported.stderr.strip().splitlines() or ["?"])[-1]
+    rows.append(Row(exported.label, "`tinystories import llama2c` of the export", "-", 0, False, False, error))
+    return reread_weights(exported, rows), lambda ids: [exported.to_llama2c[t] for t in ids], "re-read weights"
 
+
+def reread_weights(exported: Exported, rows: list[Row]) -> Any:
+    """Our model rebuilt from read_llama2c_bin(model.bin), rows put back in our order; a row compares weights."""
+    import torch
+
+    from tinystories.checkpoint import build_model
+    from tinystories.generate import LanguageModel
+    from tinystories.llama2c import read_llama2c_bin
+
+    ours, label = exported.ours, exported.label
+    config, weights = read_llama2c_bin(exported.export_dir / "model.bin")
+    rows_back = torch.as_tensor([exported.to_llama2c[i] for i in range(ours.model.config.vocab_size)])
+    weights["tok_emb.weight"] = weights["tok_emb.weight"][rows_back]
+    if "lm_head.weight" in weights:
+        weights["lm_head.weight"] = weights["lm_head.weight"][rows_back]
+    original = ours.model.state_dict()
+    worst = max((weights[k] - original[k]).abs().max().item() for k in weights)
+    same_config = resolved_config(config) == resolved_config(ours.model.config)
+    rows.append(Row(label, "read_llama2c_bin(model.bin) vs saved weights", "-", 0, worst == 0.0 and same_config,
+                    worst == 0.0 and same_config,
+                    f"max abs weight difference {worst:g}; config {'equal' if same_config else 'differs'}"))
+    return LanguageModel(build_model(config, weights).eval(), ours.tokenizer)
+
+
+def resolved_config(config: Any) -> dict[str, Any]:
+    return {**config.to_dict(), "d_ff": config.ffn_dim}  # d_ff None means the default width
+
+
+def run_c_tokens(exported: Exported, binary: Path, id_binary: Path | None, prompt: str | None,
+                 c_prompt: list[int], steps: int, rows: list[Row]) -> tuple[str, list[int] | None, list[int]]:
+    """(run.c's text, its generated ids if known, its prompt ids `c_prompt`) for `prompt` (None: BOS only).
+    With the instrumented binary, `c_prompt` (our port of run.c's bpe_encode) is checked against run.c's."""
+    c_bytes, c_ids = run_c(binary, exported.export_dir, prompt, steps)
+    if id_binary is not None:
+        bytes_again, c_ids = run_c(id_binary, exported.export_dir, prompt, steps)
+        assert bytes_again == c_bytes, "the instrumented run.c printed different text"
+    if c_ids is None:
+        return c_bytes.decode("utf-8", errors="replace"), None, c_prompt
+    if prompt is not None and c_ids[:len(c_prompt)] != c_prompt:
+        rows.append(Row(exported.label, "run.c prompt tokens vs our port of its bpe_encode", prompt, len(c_prompt),
+                        False, False, first_difference(c_ids[:len(c_prompt)], c_prompt, "prompt token")))
+    generated = c_ids[len(c_prompt):]
+    if 1 in generated:  # run.c stops (printing nothing) when BOS (our EOT) comes out
+        generated = generated[:generated.index(1)]
+    return c_bytes.decode("utf-8", errors="replace"), generated, c_prompt
+
+
+def compare_one(exported: Exported, who: str, lm: Any, to_c: Callable, variant: tuple[str, str], prompt: str | None,
+                run_c_result: tuple[str, list[int] | None, list[int]], n_new: int) -> Row:
+    """One row: `lm`'s greedy continuation of the variant's prompt against run.c's."""
+    name, our_prompt = variant
+    c_text, c_generated, c_prompt = run_c_result
+    completion = lm.generate(our_prompt, temperature=0, max_new_tokens=n_new)[0]
+    our_c_ids = to_c(completion.token_ids)
+    our_prompt_ids = to_c(lm.encode_prompt(our_prompt)[1:])
+    # run.c prints its prompt (no leading space right after BOS), then the generated pieces.
+    # run.c prints pieces as C strings, so a NUL byte (token "\\x00") prints nothing.
+    text = completion.text.replace("\x00", "")
+    text = (text[1:] if text.startswith(" ") else text) if prompt is None else prompt + text
+    notes = []
+    if our_prompt_ids != c_prompt:
+        notes.append(f"prompt tokens differ: run.c {c_prompt} vs ours {our_prompt_ids}")
+    if c_generated is None:
+        tokens_match, compared = None, len(our_c_ids)
+    else:
+        tokens_match, compared = c_generated == our_c_ids, max(len(c_generated), len(our_c_ids))
+        if not tokens_match:
+            notes.append(first_difference(c_generated, our_c_ids, "generated token"))
+    if text != c_text:
+        notes.append(first_difference(c_text, text, "text char"))
+    return Row(exported.label, f"{who}, {name}", prompt if prompt is not None else "(no -i)", compared,
+               tokens_match, text == c_text, "; ".join(notes) or "none")
+
+
+def compare_model(label: str, run_dir: Path, work: Path, binary: Path, id_binary: Path | None,
+                  new_tokens: int, cli: list[str]) -> list[Row]:
+    exported = export_for_run_c(label, run_dir, work, cli)
+    rows: list[Row] = []
+    back, back_ids, back_name = import_back(exported, work, cli, rows)
+    ours_to_c = lambda ids: [exported.to_llama2c[t] for t in ids]  # noqa: E731
+    seq_len = exported.ours.model.config.context_length
     for prompt in [None] + PROMPTS:
-        # run.c's own prompt tokens (a Python port of its bpe_encode; checked against the
-        # instrumented binary below when there is one)
-        c_prompt = [] if prompt is None else python_run_c_encode(prompt, pieces, scores)
+        c_prompt = [] if prompt is None else python_run_c_encode(prompt, exported.pieces, exported.scores)
         steps = min(seq_len, len(c_prompt) + new_tokens)
-        c_bytes, c_ids = run_c(binary, export_dir, prompt, steps)
-        c_text = c_bytes.decode("utf-8", errors="replace")
-        if id_binary is not None:
-            bytes_again, c_ids = run_c(id_binary, export_dir, prompt, steps)
-            assert bytes_again == c_bytes, "the instrumented run.c printed different text"
-        c_generated = None
-        if c_ids is not None:
-            if prompt is not None and c_ids[:len(c_prompt)] != c_prompt:
-                rows.append(Row(label, "run.c prompt tokens vs our port of its bpe_encode", prompt, len(c_prompt),
-                                False, False, first_difference(c_ids[:len(c_prompt)], c_prompt, "prompt token")))
-            c_generated = c_ids[len(c_prompt):]
-            if 1 in c_generated:  # run.c stops (printing nothing) when BOS (our EOT) comes out
-                c_generated = c_generated[:c_generated.index(1)]
-        n_new = steps - len(c_prompt)
+        result = run_c_tokens(exported, binary, id_binary, prompt, c_prompt, steps, rows)
         variants = [("BOS only", "")] if prompt is None else [
             ("' ' + prompt (run.c's input)", " " + prompt), ("prompt as given", prompt)]
-        for name, our_prompt in variants:
-            for who, lm, to_c in (("ours", ours, lambda ids: [to_llama2c[t] for t in ids]), (back_name, back, back_ids)):
-                completion = lm.generate(our_prompt, temperature=0, max_new_tokens=n_new)[0]
-                our_c_ids = to_c(completion.token_ids)
-                our_prompt_ids = to_c(lm.encode_prompt(our_prompt)[1:])
-                # run.c prints its prompt (no leading space right after BOS), then the generated pieces.
-                # run.c prints pieces as C strings, so a NUL byte (token "\\x00") prints nothing.
-                text = completion.text.replace("\x00", "")
-                if prompt is None:
-                    text = text[1:] if text.startswith(" ") else text
-                else:
-                    text = prompt + text
-                text_match = text == c_text
-                notes = []
-                if our_prompt_ids != c_prompt:
-                    notes.append(f"prompt tokens differ: run.c {c_prompt} vs ours {our_prompt_ids}")
-                if c_generated is None:
-                    tokens_match, compared = None, len(our_c_ids)
-                else:
-                    tokens_match, compared = c_generated == our_c_ids, max(len(c_generated), len(our_c_ids))
-                    if not tokens_match:
-                        notes.append(first_difference(c_generated, our_c_ids, "generated token"))
-                if not text_match:
-                    notes.append(first_difference(c_text, text, "text char"))
-                rows.append(Row(label, f"{who}, {name}", prompt if prompt is not None else "(no -i)", compared,
-                                tokens_match, text_match, "; ".join(notes) or "none"))
+        for variant in variants:
+            for who, lm, to_c in (("ours", exported.ours, ours_to_c), (back_name, back, back_ids)):
+                rows.append(compare_one(exported, who, lm, to_c, variant, prompt, result, steps - len(c_prompt)))
     return rows
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-c-binary", type=Path, default=Path("/tmp/llama2c/run"),
                         help="compiled llama2.c run (default /tmp/llama2c/run)")
@@ -352,9 +388,67 @@ def main() -> int:
     parser.add_argument("--train-stories", type=int, default=3000)
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("TINYSTORIES_DATA", REPO.parent / "shared" / "data" / "tinystories")))
-    parser.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
-    args = parser.parse_args()
+    parser.add_argument("--no-append", action="store_true", help="print the table only (default: also append it "
+                                                                 "to benchmarks/RESULTS.md)")
+    return parser.parse_args()
 
+
+def build_runs(args: argparse.Namespace) -> tuple[list[tuple[str, Path]], str]:
+    """[(label, run dir)] to compare, and a note on how the trained one was made."""
+    runs = [("random", build_random_run(args.work_dir / "random_run"))]
+    if args.no_trained:
+        return runs, ""
+    if not (args.data / "train.txt.gz").is_file():
+        print(f"note: no {args.data / 'train.txt.gz'}; skipping the trained model")
+        return runs, ""
+    started = time.perf_counter()
+    runs.append(("trained", build_trained_run(args.work_dir, args.data, args.train_stories, args.train_steps)))
+    return runs, (f" The trained model: {args.train_steps} steps (batch 16 x 64) on the first "
+                  f"{args.train_stories} TinyStories training stories with a bpe:512 tokenizer "
+                  f"({time.perf_counter() - started:.0f} s).")
+
+
+def yes_no(value: bool | None) -> str:
+    return "n/a" if value is None else ("yes" if value else "no")
+
+
+def summarize(rows: list[Row], instrumented: bool) -> tuple[str, str]:
+    """(markdown table, one-line verdict)."""
+    from common import markdown_table
+
+    table = markdown_table(
+        ["model", "case", "prompt (-i)", "tokens compared", "tokens match", "text match", "first difference"],
+        [(r.model, r.case, f"`{r.prompt}`", r.tokens, yes_no(r.tokens_match), yes_no(r.text_match),
+          r.difference.replace("|", "\\|").replace("\n", "\\n")) for r in rows])
+    equivalent = [r for r in rows if r.case.endswith(("BOS only", "(run.c's input)"))]
+    all_match = all(r.text_match and r.tokens_match is not False for r in equivalent)
+    import_ok = not any(r.case.startswith("`tinystories import") for r in rows)
+    summary = (f"Same input tokens as run.c (BOS only, or ' ' + prompt): {sum(r.text_match for r in equivalent)}/"
+               f"{len(equivalent)} cases give the same text{' and tokens' if instrumented else ''} "
+               f"-> {'exact match' if all_match else 'MISMATCH'}. `tinystories import llama2c` of our own export: "
+               f"{'works' if import_ok else 'fails (see the table)'}.")
+    return table, summary
+
+
+def results_notes(args: argparse.Namespace, instrumented: bool, train_note: str, trained_sample: str | None) -> str:
+    notes = (
+        f"\n\nrun.c: karpathy/llama2.c run.c at commit bd182289 (code-search copy, compiled with gcc -O2; "
+        f"not in this repository){'; token ids from an instrumented copy' if instrumented else ''}. "
+        f"Greedy (`-t 0`), up to {args.new_tokens} new tokens within the 64-token context. "
+        "Random model: d_model 64, 2 layers, 4 heads, 2 kv heads, SwiGLU, tied, bpe:300 trained on 400 "
+        "made-up sentences; weights drawn wide (embedding std 1, matrices std 3/sqrt(fan_in)) so greedy output is "
+        "varied." + train_note +
+        " The \"' ' + prompt\" rows feed our model the token sequence run.c feeds (run.c prepends a dummy "
+        "space to every prompt); 'prompt as given' is what `generate(prompt)` does with the bare prompt and is "
+        "expected to differ (different prompt tokens). 'imported' rows use the run made by "
+        "`tinystories import llama2c` from the exported files.")
+    if trained_sample is not None:
+        notes += f" run.c's greedy text for the trained model: `{trained_sample}`."
+    return notes
+
+
+def main() -> int:
+    args = parse_args()
     if not args.run_c_binary.is_file() or not os.access(args.run_c_binary, os.X_OK):
         print(f"SKIPPED: no llama2.c run binary at {args.run_c_binary}. Get run.c from karpathy/llama2.c, "
               f"compile it (gcc -O2 -o run run.c -lm) and pass --run-c-binary PATH.")
@@ -366,63 +460,24 @@ def main() -> int:
     cli = [sys.executable, "-m", "tinystories"]
     id_binary = instrumented_binary(args.run_c_source, args.work_dir) if args.run_c_source else None
     started = time.perf_counter()
-
-    runs = [("random", build_random_run(args.work_dir / "random_run"))]
-    train_note = ""
-    if not args.no_trained:
-        if (args.data / "train.txt.gz").is_file():
-            t0 = time.perf_counter()
-            runs.append(("trained", build_trained_run(args.work_dir, args.data, args.train_stories, args.train_steps)))
-            train_note = (f" The trained model: {args.train_steps} steps (batch 16 x 64) on the first "
-                          f"{args.train_stories} TinyStories training stories with a bpe:512 tokenizer "
-                          f"({time.perf_counter() - t0:.0f} s).")
-        else:
-            print(f"note: no {args.data / 'train.txt.gz'}; skipping the trained model")
-    rows: list[Row] = []
-    for label, run_dir in runs:
-        rows += compare_model(label, run_dir, args.work_dir, args.run_c_binary, id_binary, args.new_tokens, cli)
-
-    from common import markdown_table
-
-    def yes_no(value: bool | None) -> str:
-        return "n/a" if value is None else ("yes" if value else "no")
-
-    table = markdown_table(
-        ["model", "case", "prompt (-i)", "tokens compared", "tokens match", "text match", "first difference"],
-        [(r.model, r.case, f"`{r.prompt}`", r.tokens, yes_no(r.tokens_match), yes_no(r.text_match),
-          r.difference.replace("|", "\\|").replace("\n", "\\n")) for r in rows])
+    runs, train_note = build_runs(args)
+    rows = [row for label, run_dir in runs
+            for row in compare_model(label, run_dir, args.work_dir, args.run_c_binary, id_binary, args.new_tokens, cli)]
+    table, summary = summarize(rows, id_binary is not None)
     print(table)
-    equivalent = [r for r in rows if r.case.endswith(("BOS only", "(run.c's input)"))]
-    all_match = all(r.text_match and r.tokens_match is not False for r in equivalent)
-    import_ok = not any(r.case.startswith("`tinystories import") for r in rows)
-    summary = (f"Same input tokens as run.c (BOS only, or ' ' + prompt): {sum(r.text_match for r in equivalent)}/"
-               f"{len(equivalent)} cases give the same text{'' if id_binary is None else ' and tokens'} "
-               f"-> {'exact match' if all_match else 'MISMATCH'}. `tinystories import llama2c` of our own export: "
-               f"{'works' if import_ok else 'fails (see the table)'}.")
     print(f"\n{summary} ({time.perf_counter() - started:.0f} s)")
-    for label, run_dir in runs:
-        sample, _ = run_c(args.run_c_binary, args.work_dir / f"{label}_llama2c", PROMPTS[0], 64)
-        print(f"run.c, {label} model, -i {PROMPTS[0]!r}: {sample.decode('utf-8', errors='replace')!r}")
-    if args.append:
+    samples = {label: run_c(args.run_c_binary, args.work_dir / f"{label}_llama2c", PROMPTS[0], 64)[0]
+               .decode("utf-8", errors="replace") for label, _ in runs}
+    for label, sample in samples.items():
+        print(f"run.c, {label} model, -i {PROMPTS[0]!r}: {sample!r}")
+    if not args.no_append:
         from common import append_results
 
-        notes = (
-            f"\n\nrun.c: karpathy/llama2.c run.c at commit bd182289 (code-search copy, compiled with gcc -O2; "
-            f"not in this repository){'; token ids from an instrumented copy' if id_binary else ''}. "
-            f"Greedy (`-t 0`), up to {args.new_tokens} new tokens within the 64-token context. "
-            "Random model: d_model 64, 2 layers, 4 heads, 2 kv heads, SwiGLU, tied, bpe:300 trained on 400 "
-            "made-up sentences; weights drawn wide (embedding std 1, matrices std 3/sqrt(fan_in)) so greedy output is varied." + train_note +
-            " The \"' ' + prompt\" rows feed our model the token sequence run.c feeds (run.c prepends a dummy "
-            "space to every prompt); 'prompt as given' is what `generate(prompt)` does with the bare prompt and is "
-            "expected to differ (different prompt tokens). 'imported' rows use the run made by "
-            "`tinystories import llama2c` from the exported files.")
-        if len(runs) > 1:
-            sample, _ = run_c(args.run_c_binary, args.work_dir / "trained_llama2c", PROMPTS[0], 64)
-            notes += f" run.c's greedy text for the trained model: `{sample.decode('utf-8', errors='replace')}`."
+        notes = results_notes(args, id_binary is not None, train_note, samples.get("trained"))
         append_results("llama2.c export vs karpathy's run.c (benchmarks/llama2c_check.py)",
                        table + "\n\n" + summary + notes)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -39,14 +39,8 @@ class RunC:
         self.head_size = dim // heads
         kv_dim = kv_heads * self.head_size
         data = np.frombuffer(raw, dtype="<f4", offset=28).astype(np.float64)
-        offset = 0
-
-        def take(*shape):
-            nonlocal offset
-            count = int(np.prod(shape))
-            array = data[offset:offset + count].reshape(shape)
-            offset += count
-            return array
+        self._data, self._offset = data, 0
+        take = self._take
 
         self.tok = take(self.vocab, dim)
         self.rms_att = take(layers, dim)
@@ -57,7 +51,14 @@ class RunC:
         self.rms_final = take(dim)
         take(seq_len, self.head_size // 2), take(seq_len, self.head_size // 2)
         self.wcls = self.tok if shared else take(self.vocab, dim)
-        assert offset == data.size
+        assert self._offset == data.size
+
+    def _take(self, *shape):
+        """The next array of `shape` in the file's float order."""
+        count = int(np.prod(shape))
+        array = self._data[self._offset:self._offset + count].reshape(shape)
+        self._offset += count
+        return array
 
     @staticmethod
     def rmsnorm(x, weight):
