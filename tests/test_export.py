@@ -386,6 +386,25 @@ def test_safetensors_dir_loads_with_load_run(tmp_path, tokenizer):
         torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0], atol=0, rtol=0)
 
 
+def test_export_uses_the_weight_average_like_generate(tmp_path, tokenizer):
+    """A checkpoint with a weight average (model_ema.safetensors): export writes what generate runs."""
+    import shutil
+
+    from tinystories.checkpoint import EMA_FILE
+    from tinystories.generate import load_model
+
+    run, _ = make_run(tmp_path / "run", llama_config(), tokenizer, seed=0)
+    _, average = make_run(tmp_path / "other", llama_config(), tokenizer, seed=1)
+    shutil.copyfile(tmp_path / "other" / "checkpoints" / "best" / "model.safetensors",
+                    run / "checkpoints" / "best" / EMA_FILE)
+    out = export(run, "safetensors", tmp_path / "st")
+    exported = build_model(load_run_config(out).model, load_weights(out)).eval()
+    tokens = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens)[0], average(tokens)[0], atol=0, rtol=0)
+        torch.testing.assert_close(load_model(run).model(tokens)[0], average(tokens)[0], atol=0, rtol=0)
+
+
 # --- atomic output, bad input, CLI ----------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save_file
 
-from tinystories.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, build_model, load_run_config, load_weights,
+from tinystories.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, build_model, load_inference_weights, load_run_config,
                                     resolve_checkpoint, save_checkpoint)
 from tinystories.config import RunConfig, TrainConfig
 from tinystories.errors import UserError
@@ -94,7 +94,7 @@ def load_source(run: str | os.PathLike, checkpoint: str = "best") -> ExportSourc
     """Read a run (or checkpoint, or self-contained directory) for export."""
     directory, home = resolve_checkpoint(run, checkpoint)
     run_config = load_run_config(home)
-    model = build_model(run_config.model, load_weights(directory), source=str(directory))
+    model = build_model(run_config.model, load_inference_weights(directory), source=str(directory))
     weights = {name: tensor.detach().float().contiguous() for name, tensor in model.state_dict().items()}
     meta_path = home / TOKENIZER_META
     if not meta_path.is_file():
