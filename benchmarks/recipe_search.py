@@ -1,15 +1,18 @@
-"""Recipe search for the `tiny` preset: which ~1M-parameter recipe gives the lowest validation bits per
-byte for a fixed wall-clock training budget on this machine?
+"""Recipe search: which recipe gives the lowest validation bits per byte for a fixed number of training
+tokens? Budgets are tokens, not minutes, because the machines this runs on differ ~3x in speed.
 
-    python benchmarks/recipe_search.py [--minutes 10] [--candidates base,muon,...] [--data DIR]
+    python benchmarks/recipe_search.py --search short                 # 5.6M tokens each (~1.6 passes)
+    python benchmarks/recipe_search.py --search long                  # 20.6M tokens each (6 passes)
+    python benchmarks/recipe_search.py --search short --candidates base,ema0.99 --lanes 1
 
-Each candidate is the `tiny` preset plus `--set`-style overrides (see CANDIDATES). Candidates run one
-after another (never side by side: they would share the cores), each with `max_minutes` as its budget,
-so the lr schedule anneals within it and torch.compile warm-up and evaluations count against it. Val
-bits per byte are then measured on the WHOLE validation split (tokenizer-independent, so vocabulary
-sizes compare). Finished candidates are remembered in benchmarks/out/recipe_search.jsonl: a re-run
-skips them, so a search can span sessions. The table of all finished runs is printed and appended to
-benchmarks/RESULTS.md.
+A candidate is a preset plus `--set`-style overrides (CANDIDATES). Each trains as its own
+`tinystories train` process with OMP_NUM_THREADS=1, `--lanes` of them side by side (default 2, one
+per core: small models use one core better than two), so every run is reproducible bit for bit on
+the same kind of machine. Runs resume where they stopped (their run directories stay under
+benchmarks/out/recipe/), finished candidates are remembered in benchmarks/out/recipe_search.jsonl, so a
+search spans sessions. Each finished run is scored on the WHOLE validation split (its best
+checkpoint, the one generate/eval load); the table has one line per run with its tokens/s, so
+contention is visible, and goes to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -17,120 +20,158 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE] + [str(HERE)]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from common import append_results, load_average, markdown_table  # noqa: E402
+from common import append_results, cpu_model, markdown_table  # noqa: E402
 
-# name -> (tokenizer spec, overrides). Every candidate keeps ~1M parameters. The search started from
-# the first `tiny` recipe (AdamW, lr 3e-3): candidates name optimizer and lr explicitly, so each still
-# means what it meant when it ran, now that its winner (muon-lr6e-3) is the preset's default.
-ADAMW = ["optimizer=adamw", "lr=3e-3"]
-MUON = ["optimizer=muon", "lr=6e-3"]
-CANDIDATES: dict[str, tuple[str, list[str]]] = {
-    "base": ("bpe:4096", ADAMW),
-    "eager": ("bpe:4096", ADAMW + ["compile=false"]),
-    "muon": ("bpe:4096", ["optimizer=muon", "lr=3e-3"]),
-    "muon-lr6e-3": ("bpe:4096", MUON),
-    "muon-muonlr0.04": ("bpe:4096", ["optimizer=muon", "lr=3e-3", "muon_lr=0.04"]),
-    "lr6e-3": ("bpe:4096", ["optimizer=adamw", "lr=6e-3"]),
-    "batch32": ("bpe:4096", ADAMW + ["batch_size=32"]),
-    "wsd": ("bpe:4096", ADAMW + ["schedule=wsd"]),
-    "ctx128": ("bpe:4096", ADAMW + ["context_length=128", "batch_size=32"]),
-    "vocab2048": ("bpe:2048", ADAMW + ["d_model=144", "n_head=4"]),
-    "vocab8192": ("bpe:8192", ADAMW + ["d_model=112", "n_head=4", "n_layer=3"]),
-    "deep": ("bpe:4096", ADAMW + ["d_model=96", "n_layer=8", "n_head=4"]),
-    "wide": ("bpe:4096", ADAMW + ["d_model=160", "n_layer=2", "n_head=4"]),
-    "muon-batch32": ("bpe:4096", MUON + ["batch_size=32"]),
-    "muon-ctx128": ("bpe:4096", MUON + ["context_length=128", "batch_size=32"]),
-    "muon-deep": ("bpe:4096", MUON + ["d_model=96", "n_layer=8", "n_head=4"]),
+TOKENS_PER_STEP = 16 * 256  # tiny's batch: budgets below are in steps of this many tokens
+SEARCHES = {  # name -> (preset, training tokens, steps between evaluations)
+    "short": ("tiny", 5_600_000, 200),  # 1,380 steps x 16 x 256: 10 minutes on the first search's machine
+    "long": ("tiny", 20_600_000, 500),  # 6 passes over the 3.43M-token training split
+}
+# name -> overrides on the preset. The first search (minutes, not tokens) made muon + lr 6e-3 tiny's
+# default, so 'base' is today's preset; every other candidate changes one or two things.
+CANDIDATES: dict[str, list[str]] = {
+    "base": [],
+    "ema0.99": ["ema_decay=0.99"],
+    "ema0.998": ["ema_decay=0.998"],
+    "qknorm": ["qk_norm=true"],
+    "zeroinit": ["zero_init_proj=true"],
+    "relu2": ["mlp=relu2"],
+    "softcap15": ["logit_softcap=15"],
+    "epochs": ["batching=epochs"],
+    "wd0.3": ["weight_decay=0.3"],
+    "wd1": ["weight_decay=1.0"],
+    "embwd0.1": ["embedding_weight_decay=0.1"],
+    "dropout0.1": ["dropout=0.1"],
 }
 
 
-def shards_for(tokenizer: str) -> Path:
-    """benchmarks/out/shards-<tokenizer>, prepared from $TINYSTORIES_DATA once (later calls reuse it)."""
+def run_dir(search: str, name: str) -> Path:
+    return HERE / "out" / "recipe" / search / name
+
+
+def shards() -> Path:
+    """bpe:4096 shards of the demo corpus (or $TINYSTORIES_DATA), prepared once under benchmarks/out."""
     from tinystories.data import prepare
 
-    source = Path(os.environ.get("TINYSTORIES_DATA") or REPO_ROOT.parent / "shared" / "data" / "tinystories")
-    out = HERE / "out" / f"shards-{tokenizer.replace(':', '')}"
-    prepare([source / "train.txt.gz"], out, tokenizer, [source / "valid.txt.gz"], progress=False)
+    out = HERE / "out" / "shards-bpe4096"
+    prepare(None, out, "bpe:4096", progress=False)
     return out
 
 
-def run_candidate(name: str, minutes: float, results_path: Path) -> dict:
-    from tinystories.config import RunConfig, apply_overrides
+def command(search: str, name: str, data: Path) -> list[str]:
+    preset, tokens, eval_every = SEARCHES[search]
+    steps = round(tokens / TOKENS_PER_STEP)
+    overrides = [item for override in CANDIDATES[name] for item in ("--set", override)]
+    return [sys.executable, "-m", "tinystories", "train", "--preset", preset, "--data", str(data),
+            "--out", str(run_dir(search, name)), "--max-steps", str(steps), "--eval-every", str(eval_every),
+            "--device", "cpu", "--no-progress", *overrides]
+
+
+def start(search: str, name: str, data: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT / "src"))
+    log = open(run_dir(search, name).parent / f"{name}.log", "ab")
+    print(f"--- {search}/{name}: {' '.join(CANDIDATES[name]) or '(preset)'}", file=sys.stderr, flush=True)
+    return subprocess.Popen(command(search, name, data), env=env, stdout=log, stderr=log)
+
+
+def score(search: str, name: str, data: Path) -> dict:
+    """The finished run on the whole validation split, and what its training cost."""
     from tinystories.evaluate import evaluate_shards
     from tinystories.generate import load_model
-    from tinystories.train import train
+    from tinystories.runlog import iter_metrics
 
-    tokenizer, overrides = CANDIDATES[name]
-    data = shards_for(tokenizer)
-    run_config = RunConfig.from_preset("tiny")
-    # A step limit far beyond reach: the time budget alone ends training and drives the schedule.
-    run_config = replace(run_config, data=str(data), tokenizer=tokenizer,
-                         train=replace(run_config.train, max_minutes=minutes, max_steps=1_000_000))
-    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
-    run_config = apply_overrides(run_config, [f"vocab_size={vocab}", *overrides])
-    out_dir = HERE / "out" / "recipe" / name
-    load_before = load_average()
-    started = time.time()
-    summary = train(run_config, out_dir, resume=False, progress=False)
-    seconds = time.time() - started
-    scores = evaluate_shards(load_model(out_dir, checkpoint="best"), data)
-    record = {
-        "name": name, "tokenizer": tokenizer, "overrides": overrides, "minutes": minutes,
-        "parameters": run_config.model.num_parameters(), "steps": summary["steps"], "tokens": summary["tokens"],
-        "train_seconds": round(seconds, 1), "tokens_per_second": round(summary["tokens"] / seconds),
-        "val_loss": round(scores["val_loss"], 4), "val_bpb": round(scores["bits_per_byte"], 4),
-        "load_before": load_before and round(load_before[0], 2),
-    }
-    with open(results_path, "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
-    return record
+    directory = run_dir(search, name)
+    scores = evaluate_shards(load_model(directory, checkpoint="best"), data)
+    records = list(iter_metrics(directory))
+    train_records = [r for r in records if "train_loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    last = train_records[-1]
+    return {"search": search, "name": name, "overrides": CANDIDATES[name], "steps": last["step"],
+            "tokens": last["tokens"], "tokens_per_second": round(last["tokens"] / last["elapsed_seconds"]),
+            "final_train_loss": round(train_records[-1]["train_loss"], 4),
+            "best_eval_step": min(evals, key=lambda r: r["val_loss"])["step"],
+            "val_loss": round(scores["val_loss"], 4), "val_bpb": round(scores["bits_per_byte"], 4),
+            "cpu": cpu_model()}
+
+
+def finished(results: Path, search: str) -> dict[str, dict]:
+    done = {}
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("search") == search:
+                done[record["name"]] = record
+    return done
+
+
+def run_search(search: str, names: list[str], lanes: int, results: Path) -> dict[str, dict]:
+    """Train every pending candidate, `lanes` at a time; score and record each as it ends."""
+    data = shards()
+    done = finished(results, search)
+    pending = [name for name in names if name not in done]
+    running: dict[str, subprocess.Popen] = {}
+    while pending or running:
+        while pending and len(running) < lanes:
+            name = pending.pop(0)
+            run_dir(search, name).parent.mkdir(parents=True, exist_ok=True)
+            running[name] = start(search, name, data)
+        time.sleep(5)
+        for name, process in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            if process.returncode != 0:
+                print(f"{search}/{name} failed (exit {process.returncode}); see its .log", file=sys.stderr)
+                continue
+            done[name] = score(search, name, data)
+            with open(results, "a", encoding="utf-8") as file:
+                file.write(json.dumps(done[name]) + "\n")
+            print(json.dumps(done[name]), file=sys.stderr, flush=True)
+    return done
+
+
+def table(search: str, done: dict[str, dict]) -> str:
+    preset, tokens, _ = SEARCHES[search]
+    rows = [[r["name"], " ".join(r["overrides"]) or f"({preset} preset)", r["steps"], f"{r['tokens'] / 1e6:.2f}M",
+             f"{r['tokens_per_second']:,}", r["final_train_loss"], r["best_eval_step"], f"{r['val_loss']:.4f}",
+             f"**{r['val_bpb']:.4f}**"] for r in sorted(done.values(), key=lambda r: r["val_bpb"])]
+    return markdown_table(["candidate", "overrides", "steps", "tokens", "tokens/s (1 thread)", "final train loss",
+                           "best eval at step", "val loss", "val bpb"], rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=10.0, help="training budget per candidate")
+    parser.add_argument("--search", choices=list(SEARCHES), default="short")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated names")
-    parser.add_argument("--again", action="store_true", help="re-run candidates that already have a result")
+    parser.add_argument("--lanes", type=int, default=2, help="runs side by side, one thread each (default 2)")
+    parser.add_argument("--no-append", action="store_true", help="print only; don't append to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no busy-waiting threads if anything else runs
-
-    results_path = HERE / "out" / "recipe_search.jsonl"
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if results_path.is_file():
-        for line in results_path.read_text().splitlines():
-            record = json.loads(line)
-            if record["minutes"] == args.minutes:
-                done[record["name"]] = record
-    for name in args.candidates.split(","):
-        if name not in CANDIDATES:
-            sys.exit(f"recipe_search.py: unknown candidate {name!r}; known: {', '.join(CANDIDATES)}")
-        if name in done and not args.again:
-            continue
-        print(f"--- {name}: {CANDIDATES[name]}", file=sys.stderr, flush=True)
-        done[name] = run_candidate(name, args.minutes, results_path)
-        print(json.dumps(done[name]), file=sys.stderr, flush=True)
-
-    rows = [[r["name"], r["tokenizer"], " ".join(r["overrides"]) or "(tiny preset)", f"{r['parameters']/1e6:.2f}M",
-             r["steps"], f"{r['tokens']/1e6:.2f}M", f"{r['tokens_per_second']:,}", f"{r['val_loss']:.4f}",
-             f"**{r['val_bpb']:.4f}**", r["load_before"]]
-            for r in sorted(done.values(), key=lambda r: r["val_bpb"])]
-    table = markdown_table(["candidate", "tokenizer", "overrides", "params", "steps", "tokens", "tokens/s",
-                            "val loss", "val bpb", "load before"], rows)
-    print(table)
-    append_results(f"Recipe search for tiny, {args.minutes:g} minutes each (benchmarks/recipe_search.py)",
-                   table + "\n\nval bpb on the whole validation split; best first. 'load before' is the 1-minute "
-                   "load average when the run started; it includes the previous candidate's own load, so read "
-                   "contention from tokens/s.")
+    names = [name.strip() for name in args.candidates.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CANDIDATES]
+    if unknown:
+        sys.exit(f"recipe_search.py: unknown candidate(s) {', '.join(unknown)}; known: {', '.join(CANDIDATES)}")
+    results = HERE / "out" / "recipe_search.jsonl"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = run_search(args.search, names, args.lanes, results)
+    body = table(args.search, {name: done[name] for name in names if name in done})
+    preset, tokens, eval_every = SEARCHES[args.search]
+    notes = (f"\n\n{preset} preset, {tokens / 1e6:.1f}M training tokens each ({round(tokens / TOKENS_PER_STEP)} "
+             f"steps of 16 x 256), evaluated every {eval_every} steps; val bpb of the best checkpoint on the whole "
+             f"validation split (1,332 stories), best first. One thread per run, {args.lanes} side by side.")
+    print(body + notes)
+    if not args.no_append:
+        append_results(f"Recipe search '{args.search}': {tokens / 1e6:.1f}M tokens each (benchmarks/recipe_search.py)",
+                       body + notes)
 
 
 if __name__ == "__main__":
