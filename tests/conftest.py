@@ -18,6 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL_TRAIN_STORIES = 300
 SMALL_VAL_STORIES = 50
 SMALL_BPE_SPEC = "bpe:512"
+# Compiling the decode step costs seconds per model shape (a minute cold on 2 cores): the suite decodes
+# eagerly, and the tests of the compiled default path opt back in (tests/test_generate.py, test_serve.py).
+os.environ.setdefault("TINYSTORIES_COMPILE", "0")
 
 
 def _env_path(variable: str, default: str) -> Path:

@@ -1,5 +1,9 @@
-"""Generation: sampling filters, KV cache vs no cache, batching, rolling past the context, text
-assembly (UTF-8, stop strings), streaming, int8, the Python API and the `generate` CLI."""
+"""Generation: sampling filters (one set of options or one per row), the decode engine (static KV
+cache vs no cache, the compiled step, batching, rolling past the context), log-probabilities, text
+assembly (UTF-8, stop strings), streaming, int8, the Python API and the `generate` CLI.
+
+Most tests decode eagerly (`compile=False`: the same step function, not compiled) to keep the suite
+fast; the tests marked "default path" use the library's default, the compiled step."""
 
 from __future__ import annotations
 
@@ -13,10 +17,12 @@ import torch.nn.functional as F
 from tinystories import cli
 from tinystories.checkpoint import save_checkpoint
 from tinystories.config import ModelConfig, RunConfig, TrainConfig
+from torch._dynamo.utils import counters
+
+from tinystories.decoding import DecodeEngine, RowOptions, bucket, decode_step, sample_rows
 from tinystories.generate import (
     Chunk,
     Completion,
-    Decoder,
     LanguageModel,
     SamplingConfig,
     SamplingError,
@@ -46,6 +52,11 @@ def random_model(seed: int = 0, std: float = 0.3, **overrides) -> GPT:
         # The <|endoftext|> logit is 0, below the largest of 256 random logits: stories do not end early.
         model.lm_head.weight[EOT_ID] = 0.0
     return model.eval()
+
+
+def eager(model: GPT, tokenizer=None) -> LanguageModel:
+    """A LanguageModel that decodes with the uncompiled step (fast to start; same code path)."""
+    return LanguageModel(model, tokenizer or BytesTokenizer(), compile=False)
 
 
 VARIANTS = {
@@ -120,35 +131,39 @@ def test_sampling_config_rejects_bad_values(options, message):
 
 
 def test_unknown_sampling_option_is_a_clear_error():
-    lm = LanguageModel(random_model(), BytesTokenizer())
+    lm = eager(random_model())
     with pytest.raises(SamplingError, match="temprature"):
         lm.generate("x", temprature=0.5)
 
 
-# --- KV cache, rolling, batching -----------------------------------------------------------------
+# --- the decode engine: KV cache, rolling, batching, the compiled step -----------------------------
 
 
+GREEDY = SamplingConfig(temperature=0)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cached_and_uncached_logits_agree_with_a_plain_forward(variant):
+def test_engine_logits_agree_with_a_plain_forward(variant, use_cache):
     model = random_model(std=0.1, **VARIANTS[variant])  # logits of size ~2: float32 error ~1e-6
     prompt = [EOT_ID, 72, 101, 108]
-    cached, uncached = Decoder(model, [prompt], use_cache=True), Decoder(model, [prompt], use_cache=False)
+    engine = DecodeEngine(model, slots=2, use_cache=use_cache, compile=False)
+    engine.start(1, prompt, GREEDY)  # slot 1: slot 0 stays free and rides along in every step
     sequence = list(prompt)
     for _ in range(model.config.context_length - len(prompt)):
         with torch.no_grad():
-            reference = model(torch.tensor([sequence]))[0][:, -1]  # independent: the whole sequence at once
-        logits_cached, logits_uncached = cached.next_logits(), uncached.next_logits()
-        assert torch.allclose(logits_cached, reference, atol=1e-5, rtol=0)
-        assert torch.allclose(logits_uncached, reference, atol=1e-5, rtol=0)
-        token = reference.argmax(-1)
-        cached.append(token)
-        uncached.append(token)
-        sequence.append(int(token))
+            reference = model(torch.tensor([sequence]))[0][0, -1]  # independent: the whole sequence at once
+        assert torch.allclose(engine.logits[1], reference, atol=1e-5, rtol=0)
+        token = int(reference.argmax())
+        assert engine.sample()[1][0] == token
+        engine.advance({1: token})
+        sequence.append(token)
+    assert engine.rolls == 0 and len(engine.windows[1]) == model.config.context_length
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_and_uncached_greedy_tokens_are_identical_past_the_context(variant):
-    lm = LanguageModel(random_model(**VARIANTS[variant]), BytesTokenizer())
+    lm = eager(random_model(**VARIANTS[variant]))
     options = dict(max_new_tokens=45, temperature=0)  # context 16: the window rolls several times
     with_cache = lm.generate("Once upon", **options)[0]
     without_cache = lm.generate("Once upon", use_cache=False, **options)[0]
@@ -160,20 +175,21 @@ def test_rolled_window_restarts_positions_at_zero():
     model = random_model(position="learned")  # learned positions fail loudly beyond the context
     C = model.config.context_length
     tokens = [EOT_ID] + list(range(65, 65 + C - 1))  # exactly fills the window
-    decoder = Decoder(model, [tokens], use_cache=True)
-    decoder.next_logits()
-    decoder.append(torch.tensor([90]))
-    assert decoder.rolls == 1
+    engine = DecodeEngine(model, slots=1, compile=False)
+    engine.start(0, tokens, GREEDY)
+    engine.advance({0: 90})
+    assert engine.rolls == 1
     kept = (tokens + [90])[-(C // 2):]
+    assert engine.windows[0] == kept
     with torch.no_grad():
-        expected = model(torch.tensor([kept]))[0][:, -1]
-    assert torch.allclose(decoder.next_logits(), expected, atol=1e-5, rtol=0)
+        expected = model(torch.tensor([kept]))[0][0, -1]
+    assert torch.allclose(engine.logits[0], expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("variant", ["rope-gqa", "learned-gelu-layernorm", "rope-mqa-window"])
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_a_batch_gives_the_same_greedy_tokens_as_each_prompt_alone(variant, use_cache):
-    lm = LanguageModel(random_model(**VARIANTS[variant]), BytesTokenizer())
+    lm = eager(random_model(**VARIANTS[variant]))
     prompts = ["A", "Once upon a", "", "The dog ran"]
     options = dict(max_new_tokens=30, temperature=0, use_cache=use_cache)
     batch = lm.generate(prompts, **options)
@@ -182,8 +198,111 @@ def test_a_batch_gives_the_same_greedy_tokens_as_each_prompt_alone(variant, use_
     assert [c.prompt_tokens for c in batch] == [1 + len(p) for p in prompts]
 
 
+def test_rows_join_and_leave_a_running_batch_with_their_own_options():
+    """Continuous batching: rows start at different steps, each with its own options and seed, and
+    leave early; each row's tokens equal what it gets alone in a one-slot engine."""
+    model = random_model()
+    rows = {0: ([EOT_ID, 65], SamplingConfig(temperature=0), None, 0),
+            2: ([EOT_ID, 66, 67], SamplingConfig(temperature=0.9, top_k=20, seed=5), 5, 3),
+            3: ([EOT_ID], SamplingConfig(temperature=1.2, top_p=0.8, repetition_penalty=1.3), 11, 6)}
+    lengths = {0: 30, 2: 12, 3: 25}  # row 2 leaves while the others go on; the context (16) rolls
+
+    def alone(tokens, config, seed, length):
+        engine = DecodeEngine(model, slots=1, compile=False)
+        engine.start(0, tokens, config, seed, exclude_from_penalty=EOT_ID)
+        out = []
+        while len(out) < length:
+            out.append(engine.sample()[0][0])
+            engine.advance({0: out[-1]})
+        return out
+
+    engine = DecodeEngine(model, slots=4, compile=False)
+    together: dict[int, list[int]] = {slot: [] for slot in rows}
+    for step in range(40):
+        for slot, (tokens, config, seed, joins_at) in rows.items():
+            if step == joins_at:
+                engine.start(slot, tokens, config, seed, exclude_from_penalty=EOT_ID)
+        if not engine.active():
+            break
+        fed = {}
+        for slot, (token, _) in engine.sample().items():
+            together[slot].append(token)
+            if len(together[slot]) == lengths[slot]:
+                engine.release(slot)
+            else:
+                fed[slot] = token
+        if fed:
+            engine.advance(fed)
+    for slot, (tokens, config, seed, _) in rows.items():
+        assert together[slot] == alone(tokens, config, seed, lengths[slot]), slot
+    assert len(set(together[3])) > 5
+
+
+def test_default_path_is_compiled_and_a_second_call_does_not_recompile(monkeypatch):
+    monkeypatch.delenv("TINYSTORIES_COMPILE")  # the suite's switch-off (conftest.py): back to the default
+    model = random_model(**VARIANTS["rope-mqa-window"])
+    lm = LanguageModel(model, BytesTokenizer())  # the default: compiled decode step
+    options = dict(max_new_tokens=45, temperature=0)  # context 16: rolls, and the window of 5 applies
+    first = lm.generate("Once upon", **options)[0]
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # something was compiled: the step
+    again = lm.generate("Once upon", **options)[0]
+    sampled = lm.generate("Once upon", num_samples=1, max_new_tokens=20, temperature=0.8, seed=3)[0]
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation on later calls
+    (engine,) = lm._idle_engines[(1, True)]
+    assert engine._step is not decode_step  # the compiled one
+    reference = eager(model).generate("Once upon", use_cache=False, **options)[0]
+    assert first.token_ids == again.token_ids == reference.token_ids
+    assert sampled.token_ids == eager(model).generate("Once upon", max_new_tokens=20, temperature=0.8,
+                                                       seed=3)[0].token_ids
+
+
+def test_compiled_step_gives_the_eager_steps_logits():
+    """The compiled step (the shape of the test above: no second compile) against the eager one."""
+    model = random_model(std=0.1, **VARIANTS["rope-mqa-window"])
+    compiled, plain = DecodeEngine(model, 1, compile=True), DecodeEngine(model, 1, compile=False)
+    for engine in (compiled, plain):
+        engine.start(0, [EOT_ID, 72, 105], GREEDY)
+    for _ in range(20):
+        assert torch.allclose(compiled.logits, plain.logits, atol=1e-5, rtol=0)
+        tokens = {slot: token for slot, (token, _) in plain.sample().items()}
+        compiled.advance(tokens)
+        plain.advance(tokens)
+    assert compiled.rolls == plain.rolls > 0
+
+
+def test_engine_sizes_are_powers_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 2, 4, 4, 8, 16, 16, 32]
+
+
+def test_per_row_options_sample_as_each_row_alone():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    configs = [SamplingConfig(temperature=0.7, top_k=5), SamplingConfig(temperature=0),
+               SamplingConfig(temperature=1.3, top_p=0.6, repetition_penalty=2.0)]
+    present = torch.zeros(3, 50, dtype=torch.bool)
+    present[:, :10] = True
+    noise = torch.empty(3, 50).exponential_(1.0, generator=torch.Generator().manual_seed(1))
+    options = RowOptions(torch.tensor([c.temperature for c in configs], dtype=torch.float),
+                         torch.tensor([c.top_k for c in configs]), torch.tensor([c.top_p for c in configs]),
+                         torch.tensor([c.repetition_penalty for c in configs]))
+    together = sample_rows(logits, options, noise, present)
+    for row, config in enumerate(configs):
+        # one row with its options as plain numbers: the reference filters, then multinomial's draw
+        row_logits = apply_repetition_penalty(logits[row:row + 1], present[row:row + 1], config.repetition_penalty)
+        if config.greedy:
+            expected = int(row_logits.argmax())
+        else:
+            filtered = filter_top_p(filter_top_k(row_logits / config.temperature, config.top_k), config.top_p)
+            expected = int((filtered.softmax(-1) / noise[row:row + 1]).argmax())
+        assert int(together[row]) == expected
+    generator = torch.Generator().manual_seed(4)
+    probs = (logits[:1] / 0.7).softmax(-1)
+    drawn = torch.multinomial(probs, 1, generator=generator).item()
+    assert sample_next(logits[:1], SamplingConfig(temperature=0.7), torch.Generator().manual_seed(4)).item() == drawn
+
+
 def test_long_prompt_is_cut_to_the_context_with_a_warning():
-    lm = LanguageModel(random_model(position="learned"), BytesTokenizer())
+    lm = eager(random_model(position="learned"))
     with pytest.warns(UserWarning, match="context length"):
         completion = lm.generate("x" * 40, max_new_tokens=5, temperature=0)[0]
     assert completion.prompt_tokens == lm.context_length and len(completion.token_ids) == 5
@@ -193,7 +312,7 @@ def test_long_prompt_is_cut_to_the_context_with_a_warning():
 
 
 def test_seed_reproduces_samples_without_touching_the_global_rng():
-    lm = LanguageModel(random_model(), BytesTokenizer())
+    lm = eager(random_model())
     state = torch.get_rng_state()
     first = lm.generate("Hi", num_samples=3, max_new_tokens=20, seed=7, top_k=50, top_p=0.9, repetition_penalty=1.3)
     assert torch.equal(state, torch.get_rng_state())
@@ -202,12 +321,13 @@ def test_seed_reproduces_samples_without_touching_the_global_rng():
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     assert [c.token_ids for c in first] != [c.token_ids for c in other]
     assert len({tuple(c.token_ids) for c in first}) == 3  # the samples of one batch differ
-    streamed = [chunk.token_id for chunk in lm.stream("Hi", max_new_tokens=20, seed=7, top_k=50)]
-    assert streamed == lm.generate("Hi", max_new_tokens=20, seed=7, top_k=50)[0].token_ids
+    # sample j of a prompt is seed + j: the same tokens as asking for it alone with that seed
+    second_alone = lm.generate("Hi", max_new_tokens=20, seed=8, top_k=50, top_p=0.9, repetition_penalty=1.3)[0]
+    assert first[1].token_ids == second_alone.token_ids
 
 
 def test_repetition_penalty_reduces_repeats():
-    lm = LanguageModel(random_model(), BytesTokenizer())
+    lm = eager(random_model())
     plain = lm.generate("aaaa", max_new_tokens=40, temperature=0)[0].token_ids
     penalized = lm.generate("aaaa", max_new_tokens=40, temperature=0, repetition_penalty=100.0)[0].token_ids
     # a huge penalty makes every present token less likely than any unseen one with a positive logit
@@ -233,9 +353,19 @@ class ScriptedGPT(GPT):
         return F.one_hot(upcoming, self.config.vocab_size).float() * 20.0, None
 
 
+class ScriptedLanguageModel(LanguageModel):
+    """The scripted model's output comes from its forward(): decode on the no-cache path, which calls it."""
+
+    def generate(self, prompt="", num_samples=1, use_cache=False, **sampling):
+        return super().generate(prompt, num_samples, use_cache, **sampling)
+
+    def stream(self, prompt="", use_cache=False, should_stop=None, **sampling):
+        return super().stream(prompt, use_cache, should_stop, **sampling)
+
+
 def scripted(text: str, ending: list[int] = ()) -> LanguageModel:
     script = [EOT_ID] + list(text.encode("utf-8")) + list(ending) + [ord("z")] * 100
-    return LanguageModel(ScriptedGPT(script), BytesTokenizer())
+    return ScriptedLanguageModel(ScriptedGPT(script), BytesTokenizer(), compile=False)
 
 
 def test_stops_at_end_of_text():
@@ -287,7 +417,7 @@ def test_text_assembler_flushes_a_broken_tail_at_the_end():
 
 
 def test_generate_returns_samples_grouped_by_prompt():
-    lm = LanguageModel(random_model(), BytesTokenizer())
+    lm = eager(random_model())
     completions = lm.generate(["a", "bb"], num_samples=2, max_new_tokens=3, seed=1)
     assert [c.prompt_tokens for c in completions] == [2, 2, 3, 3]
     with pytest.raises(SamplingError, match="num_samples"):
@@ -295,7 +425,7 @@ def test_generate_returns_samples_grouped_by_prompt():
 
 
 def test_stream_should_stop_ends_the_iterator():
-    lm = LanguageModel(random_model(), BytesTokenizer())
+    lm = eager(random_model())
     calls = []
     chunks = list(lm.stream("a", max_new_tokens=50, should_stop=lambda: len(calls.append(1) or calls) > 3))
     assert len(chunks) == 3 and all(isinstance(c, Chunk) for c in chunks)
@@ -326,9 +456,9 @@ def run_cli(capsys, *argv):
 def test_load_model_from_run_and_checkpoint_dirs(tmp_path):
     model = random_model()
     run_dir = make_run(tmp_path / "run", model)
-    expected = LanguageModel(model, BytesTokenizer()).generate("Hi", max_new_tokens=8, temperature=0)[0]
+    expected = eager(model).generate("Hi", max_new_tokens=8, temperature=0)[0]
     for source in (run_dir, run_dir / "checkpoints" / "best"):
-        lm = load_model(source)
+        lm = load_model(source, compile=False)
         assert lm.generate("Hi", max_new_tokens=8, temperature=0)[0] == expected
     assert load_model(run_dir, checkpoint="last").config.model == model.config  # falls back to best
 
@@ -352,7 +482,7 @@ def test_int8_quantization_replaces_linears_and_stays_close(tmp_path):
 def test_cli_generate_prints_prompt_and_continuation(tmp_path, capsys):
     model = random_model()
     run_dir = make_run(tmp_path / "run", model)
-    expected = LanguageModel(model, BytesTokenizer()).generate("Once", max_new_tokens=12, temperature=0)[0]
+    expected = eager(model).generate("Once", max_new_tokens=12, temperature=0)[0]
     code, out, err = run_cli(capsys, "generate", str(run_dir), "--prompt", "Once", "--max-new-tokens", "12",
                              "--temperature", "0")
     assert code == 0 and out == "Once" + expected.text + "\n"

@@ -5,33 +5,27 @@
     for chunk in lm.stream("Once upon a time"):      # text as it is produced
         print(chunk.text, end="", flush=True)
 
-How a batch is decoded
-----------------------
-Stories in the shards read `EOT story EOT story ...`, so every prompt becomes `[EOT] + tokens(prompt)`.
-Prompts of different lengths are left-padded to one length; a key padding mask hides the pads and
-per-row position ids start each row's real tokens at 0, so a row's tokens are the same whether it is
-decoded alone or in a batch. With the KV cache the prompt is prefilled in one forward pass, then each
-step feeds one token per row. The cache holds `context_length` slots; when it is full, the last
-`context_length // 2` tokens of each row are re-prefilled into the emptied cache at positions 0..,
-and decoding continues (correct for both rotary and learned positions). In a left-padded batch a
-row rolls only when its own tokens fill the context (shorter rows just lose their padding), so
-each row rolls exactly when it would alone. Without the cache
-(`use_cache=False`) each step re-reads the same token window from scratch, so the two paths see the
-same context and give the same tokens under greedy decoding, also past the context length.
+Stories in the shards read `EOT story EOT story ...`, so every prompt becomes `[EOT] + tokens(prompt)`,
+cut to its last `context_length` tokens (with a warning) when it is longer. The tokens are decoded by
+`tinystories.decoding.DecodeEngine`: each row in a slot of a static KV cache, one compiled decode step
+for all rows, rolling the window past the context, every row sampled with its own RNG; a row's tokens
+are the same whether it is decoded alone or in a batch. `use_cache=False` recomputes every window from
+scratch (the reference the cache is tested against). Sample j of a prompt uses seed `seed + j`.
 
-Stopping: at `<|endoftext|>` (not part of the returned text or token ids), after `max_new_tokens`,
-or when the text contains one of the `stop` strings (the text is cut before it). Byte-level BPE
-tokens may end inside a UTF-8 character; text is released only once it decodes cleanly.
+Stopping (`Continuation`, used by `generate`, `stream` and the server alike): at `<|endoftext|>`
+(not part of the returned text or token ids), after `max_new_tokens`, or when the text contains one of
+the `stop` strings (the text is cut before it). Byte-level BPE tokens may end inside a UTF-8
+character; text is released only once it decodes cleanly.
 
-Randomness comes only from a `torch.Generator` seeded with `seed` (or from os.urandom when `seed`
-is None); the global torch RNG is never read or changed.
+Randomness comes only from `torch.Generator`s seeded with `seed` (or from os.urandom when `seed` is
+None); the global torch RNG is never read or changed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import contextlib
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -41,77 +35,35 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from tinystories.config import SamplingConfig, SamplingError
+from tinystories.decoding import (
+    MAX_LOGPROBS,
+    DecodeEngine,
+    RowOptions,
+    TokenLogprobs,
+    apply_repetition_penalty,
+    bucket,
+    filter_top_k,
+    filter_top_p,
+    make_generator,
+    sample_rows,
+    score_tokens,
+)
 from tinystories.devices import parse_device
 from tinystories.errors import UserError
 from tinystories.model import eval_mode
 
+__all__ = [
+    "Chunk", "Completion", "Continuation", "LanguageModel", "SamplingConfig", "SamplingError", "TextAssembler",
+    "apply_repetition_penalty", "filter_top_k", "filter_top_p", "load_model", "make_generator", "prompt_tokens",
+    "quantize_int8", "sample_next",
+]
+
 REPLACEMENT_CHAR = "\ufffd"
+MAX_SEED = 2**63 - 1
 
 
-class SamplingError(UserError):
-    """A sampling option is out of range (message is one line naming the option)."""
-
-
-# --- options and results -------------------------------------------------------------------------
-
-
-@dataclass
-class SamplingConfig:
-    """How to pick each next token and when to stop. `temperature=0` means greedy decoding.
-
-    Filters apply in this order: repetition penalty, temperature, top-k, top-p.
-    """
-
-    max_new_tokens: int = 200
-    temperature: float = 1.0  # 0: greedy (argmax); top_k / top_p are then irrelevant
-    top_k: int = 0  # 0: off; else sample among the k most likely tokens
-    top_p: float = 1.0  # 1: off; else the smallest set of tokens whose probability reaches top_p
-    repetition_penalty: float = 1.0  # 1: off; CTRL-style on tokens already in the prompt or output
-    seed: int | None = None  # None: fresh randomness each call
-    stop: tuple[str, ...] = ()  # stop strings: the text is cut before the first one that appears
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        self.stop = tuple(self.stop or ())
-        self.validate()
-
-    def validate(self) -> None:
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                raise SamplingError(message)
-
-        need(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-             f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        need(_is_number(self.temperature) and self.temperature >= 0,
-             f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        need(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        need(_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        need(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
-        need(self.seed is None or _is_int(self.seed), f"seed must be an integer or None, got {self.seed!r}")
-        need(all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty strings, got {self.stop!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @classmethod
-    def from_options(cls, **options: Any) -> "SamplingConfig":
-        """Build from keyword options, with a one-line error for an unknown one."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise SamplingError(f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**options)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+# --- results -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -124,12 +76,14 @@ class Completion:
     finish_reason: 'stop' (end of text or a stop string) or 'length' (max_new_tokens reached).
     prompt_tokens: tokens the model read before generating: the leading `<|endoftext|>` plus the
         prompt's tokens (after cutting a too-long prompt to the context length).
+    logprobs: with `logprobs=N`, one `TokenLogprobs` per token id (the model's own distribution).
     """
 
     text: str
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -144,156 +98,27 @@ class Chunk:
     text: str
     token_id: int
     finish_reason: str | None = None
-
-
-# --- logit processing and sampling ---------------------------------------------------------------
-
-
-def apply_repetition_penalty(logits: torch.Tensor, present: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL penalty: for tokens already present, divide positive logits and multiply negative ones.
-
-    logits (B, V) float, present (B, V) bool.
-    """
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(present, penalized, logits)
-
-
-def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row (ties with the k-th are kept), -inf elsewhere."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
-
-
-def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
-    drop_sorted = mass_before >= p
-    drop_sorted[..., 0] = False  # the most likely token always stays
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    logprobs: TokenLogprobs | None = None
 
 
 def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None,
                 present: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick the next token of each row from its logits (B, V) -> (B,) int64."""
-    logits = logits.float()
-    if present is not None and config.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, present, config.repetition_penalty)
-    if config.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / config.temperature
-    logits = filter_top_k(logits, config.top_k)
-    logits = filter_top_p(logits, config.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """Pick the next token of each row from its logits (B, V) -> (B,) int64, all rows with `config`.
 
-
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A private RNG: seeded with `seed`, or from the OS when None (never the global torch RNG)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
-    return generator
-
-
-# --- the token-level decoder ---------------------------------------------------------------------
-
-
-class Decoder:
-    """Feeds a batch of token rows to the model and returns next-token logits, step by step.
-
-    Holds the current token window of every row (left-padded to a common length), its padding mask
-    and position ids, and, with `use_cache`, the KV cache. `next_logits()` gives (B, V) logits for the
-    next token; `append(tokens)` adds one token per row, rolling the window when it is full.
+    The draw is torch.multinomial's (one generator for all rows, row after row).
     """
+    rows, device = logits.shape[0], logits.device
+    options = RowOptions(torch.full((rows,), float(config.temperature), device=device),
+                         torch.full((rows,), config.top_k, dtype=torch.long, device=device),
+                         torch.full((rows,), float(config.top_p), device=device),
+                         torch.full((rows,), float(config.repetition_penalty), device=device))
+    noise = None if config.greedy else torch.empty_like(logits, dtype=torch.float).exponential_(1.0, generator=generator)
+    return sample_rows(logits, options, noise, present if config.repetition_penalty != 1.0 else None)
 
-    def __init__(self, model: nn.Module, rows: Sequence[Sequence[int]], use_cache: bool = True):
-        config = model.config
-        self.model = model
-        self.context_length = config.context_length
-        self.keep_on_roll = max(1, self.context_length // 2)
-        self.use_cache = use_cache
-        device = model.tok_emb.weight.device
-        batch = len(rows)
-        C = self.context_length
-        with torch.inference_mode():
-            self.cache = model.new_cache(batch, C) if use_cache else None
-            self.tokens = torch.zeros(batch, C, dtype=torch.long, device=device)  # (B, C) current window
-            self.real = torch.zeros(batch, C, dtype=torch.bool, device=device)  # (B, C) False = padding
-            self.positions = torch.zeros(batch, C, dtype=torch.long, device=device)  # (B, C)
-        self.length = 0  # slots of the window in use
-        self.padded = False  # whether any row is left-padded: only then are masks and positions passed
-        self.needs_prefill = True
-        self.rolls = 0
-        self._start_window(rows)
 
-    @torch.inference_mode()
-    def _start_window(self, rows: Sequence[Sequence[int]]) -> None:
-        """Make `rows` (each 1..C tokens) the window, left-padded; the next step prefills it."""
-        width = max(len(row) for row in rows)
-        self.tokens.zero_()
-        self.real.zero_()
-        for b, row in enumerate(rows):
-            if len(row):
-                self.tokens[b, width - len(row):width] = torch.as_tensor(row, dtype=torch.long)
-            self.real[b, width - len(row):width] = True
-        self.padded = any(len(row) != width for row in rows)
-        # Each row's first real token sits at position 0; pads get position 0 too (they are masked).
-        self.positions[:, :width] = (self.real[:, :width].long().cumsum(dim=1) - 1).clamp(min=0)
-        self.length = width
-        self.needs_prefill = True
-        if self.cache is not None:
-            self.cache.reset()
-
-    @torch.inference_mode()
-    def next_logits(self) -> torch.Tensor:
-        """Logits (B, V) for the token after the window."""
-        S = self.length
-        mask = self.real[:, :S] if self.padded else None
-        if self.cache is None:
-            positions = self.positions[:, :S] if self.padded else None
-            logits, _ = self.model(self.tokens[:, :S], position_ids=positions, key_padding_mask=mask)
-        elif self.needs_prefill:
-            positions = self.positions[:, :S] if self.padded else None
-            logits, _ = self.model(self.tokens[:, :S], cache=self.cache, position_ids=positions, key_padding_mask=mask)
-            self.needs_prefill = False
-        else:
-            # Without padding, slot index == position, which is the model's default.
-            positions = self.positions[:, S - 1:S] if self.padded else None
-            logits, _ = self.model(self.tokens[:, S - 1:S], cache=self.cache, position_ids=positions,
-                                   key_padding_mask=mask)
-        return logits[:, -1]  # (B, V)
-
-    @torch.inference_mode()
-    def append(self, next_tokens: torch.Tensor) -> None:
-        """Add one token per row (B,), rolling the window first if it is full."""
-        if self.length == self.context_length:
-            self._roll(next_tokens)
-            return
-        S = self.length
-        self.tokens[:, S] = next_tokens
-        self.real[:, S] = True
-        self.positions[:, S] = self.positions[:, S - 1] + 1 if S else 0
-        self.length = S + 1
-
-    def _roll(self, next_tokens: torch.Tensor) -> None:
-        """The window is full. A row whose real tokens (with the new one) exceed the context keeps its
-        last `keep_on_roll`; a shorter (left-padded) row keeps all of them. Each row thus rolls exactly
-        when it would alone, which keeps a batch's output equal to each row's output alone."""
-        rows = []
-        new = next_tokens.tolist()
-        for b in range(self.tokens.shape[0]):
-            real_tokens = self.tokens[b, :self.length][self.real[b, :self.length]].tolist() + [new[b]]
-            if len(real_tokens) > self.context_length:
-                real_tokens = real_tokens[-self.keep_on_roll:]
-            rows.append(real_tokens)
-        self.rolls += 1
-        self._start_window(rows)
+def row_seed(seed: int | None, sample: int) -> int | None:
+    """Sample j of a prompt draws from seed + j: each row has its own stream, reproducible alone."""
+    return None if seed is None else (seed + sample) % (MAX_SEED + 1)
 
 
 def prompt_tokens(tokenizer: Any, prompt: str, context_length: int) -> list[int]:
@@ -306,36 +131,6 @@ def prompt_tokens(tokenizer: Any, prompt: str, context_length: int) -> list[int]
                       f"length {context_length}; keeping its last {context_length} tokens", stacklevel=3)
         tokens = tokens[-context_length:]
     return tokens
-
-
-def decode_tokens(model: nn.Module, rows: Sequence[Sequence[int]], config: SamplingConfig,
-                  use_cache: bool = True, eot_id: int | None = None) -> Iterator[list[int]]:
-    """Yield the next token of every row, step after step, up to `config.max_new_tokens` steps.
-
-    The caller stops early by leaving the loop (e.g. when every row has ended). Rows that ended keep
-    being decoded (their tokens are to be ignored). `eot_id` is excluded from the repetition penalty.
-    """
-    decoder = Decoder(model, rows, use_cache)
-    device = decoder.tokens.device
-    generator = None if config.greedy else make_generator(config.seed, device)
-    present = None
-    if config.repetition_penalty != 1.0:
-        with torch.inference_mode():
-            present = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=device)  # (B, V)
-            for b, row in enumerate(rows):
-                content = [t for t in row if t != eot_id]
-                if content:
-                    present[b, torch.as_tensor(content, device=device)] = True
-            batch_index = torch.arange(len(rows), device=device)
-    with eval_mode(model):
-        for step in range(config.max_new_tokens):
-            with torch.inference_mode():
-                next_tokens = sample_next(decoder.next_logits(), config, generator, present)  # (B,)
-                if present is not None:
-                    present[batch_index, next_tokens] = True
-            yield next_tokens.tolist()
-            if step + 1 < config.max_new_tokens:
-                decoder.append(next_tokens)
 
 
 # --- text assembly -------------------------------------------------------------------------------
@@ -398,20 +193,103 @@ class TextAssembler:
         return piece
 
 
+def token_offsets(tokenizer: Any, tokens: Sequence[int]) -> list[int]:
+    """Where each token's text starts in the text of all of them (a token inside a UTF-8 character
+    starts where that character does), as OpenAI's `text_offset`."""
+    assembler, offsets = TextAssembler(tokenizer), []
+    for token in tokens:
+        offsets.append(len(assembler.text))
+        assembler.push(token)
+    return offsets
+
+
+class Continuation:
+    """One row's generated tokens and text, and the stop rules: `<|endoftext|>`, a stop string, the
+    length limit. `generate`, `stream` and the server all push a row's tokens through one of these.
+
+    push(token) returns the `Chunk` to hand out; its finish_reason is set when that token ended the row.
+    """
+
+    def __init__(self, tokenizer: Any, config: SamplingConfig, prompt_tokens: int):
+        self.text = TextAssembler(tokenizer, config.stop)
+        self.eot_id = tokenizer.eot_id
+        self.max_new_tokens = config.max_new_tokens
+        self.prompt_tokens = prompt_tokens
+        self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprobs] = []
+        self.offsets: list[int] = []  # where each token's text starts in `text.text`
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int, logprobs: TokenLogprobs | None = None) -> Chunk:
+        if self.finished:
+            raise RuntimeError("the row has ended")
+        if token == self.eot_id:
+            self.text.finish()
+            self.finish_reason = "stop"
+            return Chunk(self.text.release(final=True), token, "stop", logprobs)
+        self.offsets.append(len(self.text.text))
+        self.text.push(token)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif len(self.text.token_ids) == self.max_new_tokens:
+            self.text.finish()
+            self.finish_reason = "stop" if self.text.stopped else "length"
+        return Chunk(self.text.release(final=self.finished), token, self.finish_reason, logprobs)
+
+    def completion(self) -> Completion:
+        """The row as a `Completion` (a row cut short counts as 'length')."""
+        self.text.finish()
+        return Completion(text=self.text.text, token_ids=list(self.text.token_ids),
+                          finish_reason=self.finish_reason or "length", prompt_tokens=self.prompt_tokens,
+                          logprobs=list(self.logprobs) if self.logprobs else None)
+
+
+def decode_rows(engine: DecodeEngine, rows: Sequence[Sequence[int]], configs: Sequence[SamplingConfig],
+                seeds: Sequence[int | None], continuations: Sequence[Continuation], eot_id: int | None,
+                logprobs: int | None = None, should_stop: Callable[[], bool] | None = None,
+                ) -> Iterator[tuple[int, Chunk]]:
+    """Decode rows[i] in slot i of a free `engine` until every row has ended; yields (row, Chunk) per
+    token. A row leaves the batch as soon as it ends. `should_stop()` is asked before every step."""
+    for slot, row in enumerate(rows):
+        engine.start(slot, row, configs[slot], seeds[slot], exclude_from_penalty=eot_id)
+    while engine.active():
+        if should_stop is not None and should_stop():
+            return
+        fed = {}
+        for slot, (token, details) in engine.sample(logprobs).items():
+            yield slot, continuations[slot].push(token, details)
+            if continuations[slot].finished:
+                engine.release(slot)
+            else:
+                fed[slot] = token
+        if fed:
+            engine.advance(fed)
+
 # --- the user-facing model -----------------------------------------------------------------------
 
 
 class LanguageModel:
     """A model, its tokenizer and run config, ready to generate text.
 
-    `.model` (a `GPT`), `.tokenizer`, `.config` (the `RunConfig`), `.generate(...)`, `.stream(...)`.
+    `.model` (a `GPT`), `.tokenizer`, `.config` (the `RunConfig`), `.generate(...)`, `.stream(...)`,
+    `.score(tokens)`. `compile`: compile the decode step (default: yes unless TINYSTORIES_COMPILE=0).
+    Engines (static caches with their compiled steps) are kept between calls, so only the first call
+    of each batch size compiles.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, run_config: Any = None):
+    def __init__(self, model: nn.Module, tokenizer: Any, run_config: Any = None, compile: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = run_config
+        self.compile = compile
         self.last_stats: dict[str, float] = {}  # tokens, seconds, tokens_per_second of the last call
+        self._idle_engines: dict[tuple[int, bool], list[DecodeEngine]] = {}
+        self._engines_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -425,106 +303,96 @@ class LanguageModel:
         """The tokens generation starts from: [EOT] + the prompt's tokens (cut to the context)."""
         return prompt_tokens(self.tokenizer, prompt, self.context_length)
 
+    def new_engine(self, slots: int, use_cache: bool = True) -> DecodeEngine:
+        """A fresh engine of `slots` slots over this model (the server keeps one for its lifetime)."""
+        return DecodeEngine(self.model, slots, use_cache=use_cache, compile=self.compile)
+
+    @contextlib.contextmanager
+    def _engine(self, rows: int, use_cache: bool) -> Iterator[DecodeEngine]:
+        """An idle engine with room for `rows` (sizes are powers of two), given back afterwards."""
+        key = (bucket(rows), use_cache)
+        with self._engines_lock:
+            idle = self._idle_engines.setdefault(key, [])
+            engine = idle.pop() if idle else None
+        engine = engine or self.new_engine(*key)
+        try:
+            with eval_mode(self.model):
+                yield engine
+        finally:
+            for slot in engine.active():
+                engine.release(slot)
+            with self._engines_lock:
+                self._idle_engines[key].append(engine)
+
     def generate(self, prompt: str | list[str] = "", num_samples: int = 1, use_cache: bool = True,
-                 **sampling: Any) -> list[Completion]:
+                 logprobs: int | None = None, **sampling: Any) -> list[Completion]:
         """Continue each prompt `num_samples` times, all in one batch.
 
         Returns len(prompts) * num_samples completions, grouped by prompt (prompt 0's samples first).
         `sampling`: the fields of `SamplingConfig` (max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, seed, stop).
+        repetition_penalty, seed, stop). logprobs=N (0..5) fills each completion's `logprobs`.
         """
         config = SamplingConfig.from_options(**sampling)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise SamplingError("no prompt given")
-        if not _is_int(num_samples) or num_samples < 1:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise SamplingError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        check_logprobs(logprobs)
         encoded = [self.encode_prompt(p) for p in prompts]
         rows = [tokens for tokens in encoded for _ in range(num_samples)]
-        eot = self.tokenizer.eot_id
-        generated: list[list[int]] = [[] for _ in rows]
-        finish: list[str | None] = [None] * len(rows)
-        texts = [TextAssembler(self.tokenizer, config.stop) for _ in rows] if config.stop else None
-        active = len(rows)
-        started = time.perf_counter()
-        steps = 0
-        for step_tokens in decode_tokens(self.model, rows, config, use_cache, eot_id=eot):
-            steps += 1
-            for b, token in enumerate(step_tokens):
-                if finish[b] is not None:
-                    continue
-                if token == eot:
-                    finish[b] = "stop"
-                else:
-                    generated[b].append(token)
-                    if texts is not None:
-                        texts[b].push(token)
-                        if texts[b].stopped:
-                            finish[b] = "stop"
-                    if finish[b] is None and len(generated[b]) == config.max_new_tokens:
-                        finish[b] = "length"
-                if finish[b] is not None:
-                    active -= 1
-            if not active:
-                break
-        elapsed = time.perf_counter() - started
-        self.last_stats = {"tokens": steps * len(rows), "steps": steps, "seconds": elapsed,
-                           "tokens_per_second": steps * len(rows) / max(elapsed, 1e-9)}
-        completions = []
-        for b, tokens in enumerate(generated):
-            if texts is not None:
-                texts[b].finish()
-                text = texts[b].text
-            else:
-                text = self.tokenizer.decode(tokens)
-            completions.append(Completion(text=text, token_ids=tokens, finish_reason=finish[b] or "length",
-                                          prompt_tokens=len(rows[b])))
-        return completions
+        seeds = [row_seed(config.seed, j) for _ in encoded for j in range(num_samples)]
+        continuations = [Continuation(self.tokenizer, config, len(row)) for row in rows]
+        started, tokens = time.perf_counter(), 0
+        with self._engine(len(rows), use_cache) as engine:
+            for _ in decode_rows(engine, rows, [config] * len(rows), seeds, continuations, self.tokenizer.eot_id,
+                                 logprobs):
+                tokens += 1
+        self._record_stats(tokens, time.perf_counter() - started)
+        return [continuation.completion() for continuation in continuations]
 
     def stream(self, prompt: str = "", use_cache: bool = True, should_stop: Callable[[], bool] | None = None,
-               **sampling: Any) -> Iterator[Chunk]:
+               logprobs: int | None = None, **sampling: Any) -> Iterator[Chunk]:
         """Continue `prompt` once, yielding a `Chunk` per generated token as soon as it is sampled.
 
         `should_stop`, if given, is called before each step; when it returns True the iterator
         ends at once (no final chunk), e.g. because the client went away.
         """
         config = SamplingConfig.from_options(**sampling)
+        check_logprobs(logprobs)
         row = self.encode_prompt(prompt)
-        return self._stream(row, config, use_cache, should_stop)
+        return self._stream(row, config, use_cache, should_stop, logprobs)
 
     def _stream(self, row: list[int], config: SamplingConfig, use_cache: bool,
-                should_stop: Callable[[], bool] | None) -> Iterator[Chunk]:
-        eot = self.tokenizer.eot_id
-        text = TextAssembler(self.tokenizer, config.stop)
-        steps = decode_tokens(self.model, [row], config, use_cache, eot_id=eot)
-        try:
-            while True:
-                if should_stop is not None and should_stop():
-                    return
-                step_tokens = next(steps, None)
-                if step_tokens is None:
-                    return
-                token = step_tokens[0]
-                if token == eot:
-                    text.finish()
-                    yield Chunk(text.release(final=True), token, "stop")
-                    return
-                text.push(token)
-                if text.stopped:
-                    yield Chunk(text.release(final=True), token, "stop")
-                    return
-                if len(text.token_ids) == config.max_new_tokens:
-                    text.finish()
-                    yield Chunk(text.release(final=True), token, "stop" if text.stopped else "length")
-                    return
-                yield Chunk(text.release(), token, None)
-        finally:
-            steps.close()
+                should_stop: Callable[[], bool] | None, logprobs: int | None) -> Iterator[Chunk]:
+        continuation = Continuation(self.tokenizer, config, len(row))
+        started, tokens = time.perf_counter(), 0
+        with self._engine(1, use_cache) as engine:
+            for _, chunk in decode_rows(engine, [row], [config], [config.seed], [continuation],
+                                        self.tokenizer.eot_id, logprobs, should_stop):
+                tokens += 1
+                yield chunk
+        self._record_stats(tokens, time.perf_counter() - started)
+
+    def score(self, tokens: Sequence[int], top: int = 0) -> list[TokenLogprobs]:
+        """The model's log-probability of each of tokens[1:] after the tokens before it, with `top`
+        alternatives each (one forward pass; at most context_length tokens)."""
+        check_logprobs(top)
+        with eval_mode(self.model):
+            return score_tokens(self.model, tokens, top)
+
+    def _record_stats(self, tokens: int, seconds: float) -> None:
+        self.last_stats = {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
 
     def __repr__(self) -> str:
         return (f"LanguageModel({self.model.num_parameters():,} parameters, tokenizer={self.tokenizer.spec!r}, "
                 f"context_length={self.context_length}, device={self.device})")
 
+
+def check_logprobs(logprobs: int | None) -> None:
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_LOGPROBS):
+        raise SamplingError(f"logprobs must be an integer in 0..{MAX_LOGPROBS} or None, got {logprobs!r}")
 
 # --- loading -------------------------------------------------------------------------------------
 
@@ -545,10 +413,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def load_model(name_or_path: str | os.PathLike = "tiny", checkpoint: str = "best", device: str = "cpu",
-               quantize: str | None = None) -> LanguageModel:
+               quantize: str | None = None, compile: bool | None = None) -> LanguageModel:
     """Load a run directory, a checkpoint directory or a shipped model name for generation.
 
     checkpoint: 'best' or 'last' (for a run directory). quantize: None or 'int8' (CPU only).
+    compile: compile the decode step (None: yes, unless TINYSTORIES_COMPILE=0).
     """
     from tinystories.checkpoint import CheckpointError, load_run, shipped_model_path, shipped_models_root
 
@@ -566,4 +435,4 @@ def load_model(name_or_path: str | os.PathLike = "tiny", checkpoint: str = "best
     model, tokenizer, run_config = load_run(name, checkpoint, torch_device)
     if quantize == "int8":
         model = quantize_int8(model)
-    return LanguageModel(model, tokenizer, run_config)
+    return LanguageModel(model, tokenizer, run_config, compile=compile)

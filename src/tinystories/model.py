@@ -36,30 +36,58 @@ def eval_mode(model: nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to `max_length` slots.
+    """Keys and values of every layer, preallocated: `batch_size` rows of `max_length` slots each.
 
-    Slot i holds the i-th token fed to the model. A forward pass with a cache writes its T new tokens
-    at slots [length, length + T) and then advances `length`.
+    Two ways to fill it. A forward pass with the cache (a prefill, or step-by-step decoding of a
+    whole batch) writes its T new tokens of every row at slots [length, length + T) and advances
+    `length`. A static decode step (`tinystories.decoding`) instead passes a (B,) tensor of
+    positions as `start`: row b's one new token goes to slot positions[b], and attention reads all
+    `max_length` slots under a mask, so the step's shapes never change and it compiles once.
+    Each layer's keys and values are tensors of their own, so such a write mutates a whole graph
+    input in place (a slice of one big tensor would make the compiled step copy the whole cache).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        shape = (config.n_layer, batch_size, config.kv_heads, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.kv_heads, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.rows = torch.arange(batch_size, device=device)  # (B,) for per-row writes
         self.max_length = max_length
         self.length = 0
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self.keys[0].shape[0]
 
-    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
-        """Store (B, K, T, D) keys/values at slots [start, start+T); return all filled slots (B, K, S, D)."""
+    def write(self, layer: int, start: int | torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        """Store (B, K, T, D) keys/values at slots [start, start+T) and return the filled slots (B, K, S, D);
+        or, with a (B,) tensor `start` and T = 1, row b's token at slot start[b], returning every slot."""
+        if isinstance(start, torch.Tensor):
+            self.keys[layer][self.rows, :, start] = keys[:, :, 0]  # (B, K, D) at (row, :, start[row])
+            self.values[layer][self.rows, :, start] = values[:, :, 0]
+            return self.keys[layer], self.values[layer]
         end = start + keys.shape[2]
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        self.keys[layer][:, :, start:end] = keys
+        self.values[layer][:, :, start:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def row(self, index: int) -> "KVCache":
+        """A one-row cache (length 0) whose tensors are views of row `index`: a prefill through it fills that row."""
+        view = KVCache.__new__(KVCache)
+        view.keys = [layer[index:index + 1] for layer in self.keys]
+        view.values = [layer[index:index + 1] for layer in self.values]
+        view.rows = self.rows[:1]
+        view.max_length, view.length = self.max_length, 0
+        return view
+
+    def prefix(self, slots: int) -> "KVCache":
+        """A view of the first `slots` slots of every row: an eager decode step need not read the rest."""
+        view = KVCache.__new__(KVCache)
+        view.keys = [layer[:, :, :slots] for layer in self.keys]
+        view.values = [layer[:, :, :slots] for layer in self.values]
+        view.rows, view.max_length, view.length = self.rows, slots, 0
+        return view
 
     def reset(self) -> None:
         self.length = 0

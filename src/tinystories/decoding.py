@@ -1,0 +1,391 @@
+"""The decode engine: sequences in the slots of a static KV cache, one compiled step for all of them.
+
+    engine = DecodeEngine(model, slots=4)
+    engine.start(0, [eot, 72, 105], SamplingConfig(temperature=0))   # prefill slot 0
+    token = engine.sample()[0]                                         # its first new token
+    engine.advance({0: token})                                         # feed it: next logits
+
+How a step works
+----------------
+Each slot holds one sequence: its token at position p sits at cache index p (a sequence's first token
+is at position 0). A prefill runs the model's own `forward` on one slot's tokens through a one-row
+view of the cache. After that, `advance` feeds one token per active slot in a single *decode step*
+over every slot: each row writes its new key/value at its own position and attends to all
+`context_length` cache slots under a mask (slot <= position, within the sliding window if the model
+has one). The step's shapes never change, so `torch.compile` compiles it once per engine size and
+reuses it for every later step and call; free slots ride along (their output is ignored). The step
+runs the model's own modules (embeddings, blocks, final norm, head), so every architecture option
+applies to it as to training.
+
+When a slot's sequence fills the context, its last `context_length // 2` tokens (the new one
+included) are prefilled again at positions 0.. and decoding goes on, for rotary and learned
+positions alike. Rolling is per slot, so a sequence rolls exactly when it would alone.
+
+Sampling is per slot: each slot has its own temperature, top-k, top-p, repetition penalty and
+`torch.Generator`, kept as (S,) tensors so that one set of tensor ops samples every slot. The random
+draw reproduces `torch.multinomial` (which for one sample takes argmax(p / q) with q ~ Exp(1) from the
+generator), so a slot's tokens do not depend on which other slots are busy. Log-probabilities (of
+the model's own distribution, before any sampling filter) are available for every sampled token.
+
+`use_cache=False` gives the reference path: every step recomputes each slot's window from scratch
+(same windows, same rolling), so greedy tokens agree with the cached path, also past the context.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinystories.config import SamplingConfig
+from tinystories.model import KVCache
+
+MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's legacy completions API allows
+
+
+def compile_by_default() -> bool:
+    """Compile the decode step unless TINYSTORIES_COMPILE=0 (or torch.compile is missing)."""
+    return os.environ.get("TINYSTORIES_COMPILE", "1") != "0" and hasattr(torch, "compile")
+
+
+def bucket(rows: int) -> int:
+    """The engine size for `rows` sequences: the next power of two, so few sizes ever get compiled."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+# --- sampling filters, any number of rows, each with its own options -------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, present: torch.Tensor,
+                             penalty: float | torch.Tensor) -> torch.Tensor:
+    """CTRL penalty: for tokens already present, divide positive logits and multiply negative ones.
+
+    logits (B, V) float, present (B, V) bool, penalty a float or (B,) per row (1 = off).
+    """
+    if isinstance(penalty, torch.Tensor):
+        penalty = penalty[:, None]  # (B, 1)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(present, penalized, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept), -inf elsewhere.
+
+    k: an int for every row, or (B,) per row; 0 (or >= V) keeps everything.
+    """
+    vocab = logits.shape[-1]
+    if not isinstance(k, torch.Tensor):
+        if k <= 0 or k >= vocab:
+            return logits
+        kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    else:
+        descending = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
+        kth_largest = descending.gather(-1, (k.clamp(1, vocab) - 1)[:, None])  # (B, 1)
+        kth_largest = kth_largest.masked_fill((k <= 0)[:, None], float("-inf"))
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches p.
+
+    p: a float for every row, or (B,) per row; 1 keeps everything.
+    """
+    if not isinstance(p, torch.Tensor):
+        if p >= 1.0:
+            return logits
+        p = torch.full(logits.shape[:1], p, device=logits.device)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    drop_sorted = (mass_before >= p[:, None]) & (p < 1.0)[:, None]
+    drop_sorted[..., 0] = False  # the most likely token always stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@dataclass
+class RowOptions:
+    """Sampling options of B rows as tensors: temperature, top_p (B,) float; top_k (B,) long; penalty (B,)."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    penalty: torch.Tensor
+
+
+def sample_rows(logits: torch.Tensor, options: RowOptions, noise: torch.Tensor | None,
+                present: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of each row (B,) from logits (B, V), every row with its own options.
+
+    Filters in order: repetition penalty, temperature, top-k, top-p. Rows with temperature 0 take the
+    argmax. noise (B, V): Exp(1) draws (from each row's generator); the draw argmax(probs / noise) is
+    what torch.multinomial(probs, 1) computes from the same draws. None when every row is greedy.
+    """
+    logits = logits.float()
+    if present is not None:
+        logits = apply_repetition_penalty(logits, present, options.penalty)
+    greedy_tokens = logits.argmax(dim=-1)
+    if noise is None:
+        return greedy_tokens
+    greedy = options.temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, options.temperature)[:, None]
+    scaled = filter_top_p(filter_top_k(scaled, options.top_k), options.top_p)
+    sampled = (scaled.softmax(dim=-1) / noise).argmax(dim=-1)
+    return torch.where(greedy, greedy_tokens, sampled)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A private RNG: seeded with `seed`, or from the OS when None (never the global torch RNG)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    return generator
+
+
+@dataclass
+class TokenLogprobs:
+    """The model's log-probability of a token and its `top` most likely alternatives (id, logprob)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[TokenLogprobs]:
+    """Log-softmax of logits (N, V) at the chosen ids (N,), with each row's `top` best alternatives."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+    picked = logp.gather(-1, chosen[:, None])[:, 0].tolist()
+    if top <= 0:
+        return [TokenLogprobs(value, []) for value in picked]
+    best = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)
+    pairs = zip(best.indices.tolist(), best.values.tolist())
+    return [TokenLogprobs(value, list(zip(ids, values))) for value, (ids, values) in zip(picked, pairs)]
+
+
+@torch.inference_mode()
+def score_tokens(model: nn.Module, tokens: Sequence[int], top: int = 0) -> list[TokenLogprobs]:
+    """For tokens[1:], the log-probability the model gives each one after the tokens before it
+    (one forward pass; at most context_length tokens)."""
+    if len(tokens) > model.config.context_length:
+        raise ValueError(f"{len(tokens)} tokens do not fit the context of {model.config.context_length}")
+    device = model.tok_emb.weight.device
+    ids = torch.as_tensor(list(tokens), dtype=torch.long, device=device)
+    if len(ids) < 2:
+        return []
+    logits, _ = model(ids[None, :-1])  # (1, T-1, V)
+    return logprobs_of(logits[0], ids[1:], top)
+
+
+# --- the decode step -------------------------------------------------------------------------------
+
+
+def decode_step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One new token per row through the model's own modules: tokens, positions (B,) -> logits (B, V).
+
+    Row b's key/value goes to cache slot positions[b]; it attends to slots <= positions[b] (within
+    the sliding window). Every shape is fixed by the cache, so a compiled step never recompiles.
+    """
+    config = model.config
+    x = model.tok_emb(tokens[:, None])  # (B, 1, C)
+    if model.pos_emb is not None:
+        x = x + model.pos_emb(positions[:, None])
+    x = model.dropout(x)
+    rotary = None
+    if model.rotary is not None:  # positions stay below context_length: the tables cover them
+        rotary = (model.rotary.cos_table[positions][:, None, None, :],  # (B, 1, 1, D/2)
+                  model.rotary.sin_table[positions][:, None, None, :])
+    slots = torch.arange(cache.max_length, device=tokens.device)[None, :]  # (1, S)
+    allowed = slots <= positions[:, None]  # (B, S)
+    if config.sliding_window is not None:
+        allowed = allowed & (slots > positions[:, None] - config.sliding_window)
+    mask = allowed[:, None, None, :]  # (B, 1, 1, S)
+    for block in model.blocks:
+        x = block(x, rotary, mask, cache, positions)
+    return model.logits(model.norm_f(x))[:, 0]  # (B, V): the model's own head (soft-capped if configured)
+
+
+_compile_failed = False
+
+
+def compiled_step(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """`decode_step` compiled for fixed shapes; if compiling fails (no C++ compiler...), the eager
+    step with one warning: compiling is a speed-up, never a requirement."""
+    compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+
+    def step(*args: Any) -> torch.Tensor:
+        global _compile_failed
+        if not _compile_failed:
+            try:
+                return compiled(*args)
+            except Exception as error:  # a backend failure: fall back for good
+                _compile_failed = True
+                warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); decoding eagerly", stacklevel=2)
+        return decode_step(*args)
+
+    return step
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Dynamic int8 models (torch.ao) run their own kernels; they are decoded eagerly."""
+    return any(type(module).__module__.startswith("torch.ao.nn.quantized") for module in model.modules())
+
+
+# --- the engine ------------------------------------------------------------------------------------
+
+
+class DecodeEngine:
+    """`slots` sequences decoded together over one static KV cache (see the module docstring).
+
+    start(slot, tokens, config, seed) prefills a free slot; sample() draws the next token of every
+    active slot; advance({slot: token}) feeds those tokens (every active slot, once per round) and
+    computes the next logits; release(slot) frees a slot at once (its rows are simply ignored).
+    """
+
+    def __init__(self, model: nn.Module, slots: int, use_cache: bool = True, compile: bool | None = None):
+        config = model.config
+        self.model, self.slots = model, slots
+        self.context_length = config.context_length
+        self.keep_on_roll = max(1, self.context_length // 2)
+        self.device = model.tok_emb.weight.device
+        dtype = model.tok_emb.weight.dtype
+        with torch.inference_mode():  # every engine tensor is an inference tensor: the step's guards never change
+            self.cache = KVCache(config, slots, self.context_length, self.device, dtype) if use_cache else None
+            self.logits = torch.zeros(slots, config.vocab_size, device=self.device)  # (S, V) next-token logits
+            self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # (S,) fed by the step
+            self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)  # (S,)
+            self.present = torch.zeros(slots, config.vocab_size, dtype=torch.bool, device=self.device)  # (S, V)
+            self.noise = torch.ones(slots, config.vocab_size, device=self.device)  # (S, V) Exp(1) draws
+            self.options = RowOptions(torch.ones(slots, device=self.device),
+                                      torch.zeros(slots, dtype=torch.long, device=self.device),
+                                      torch.ones(slots, device=self.device), torch.ones(slots, device=self.device))
+        self.windows: list[list[int] | None] = [None] * slots  # each slot's tokens in the cache; None: free
+        self.configs: list[SamplingConfig | None] = [None] * slots
+        self.generators: list[torch.Generator | None] = [None] * slots
+        self.rolls = 0
+        compile = compile_by_default() if compile is None else compile
+        self._step = compiled_step(model) if compile and use_cache and not is_quantized(model) else decode_step
+
+    def active(self) -> list[int]:
+        return [slot for slot, window in enumerate(self.windows) if window is not None]
+
+    def free_slot(self) -> int | None:
+        return next((slot for slot, window in enumerate(self.windows) if window is None), None)
+
+    @torch.inference_mode()
+    def start(self, slot: int, tokens: Sequence[int], config: SamplingConfig, seed: int | None = None,
+              exclude_from_penalty: int | None = None, prompt_logprobs: int | None = None) -> list[TokenLogprobs]:
+        """Prefill `tokens` (1..context_length of them) into free `slot`; its next logits are then ready.
+
+        seed: the slot's RNG seed (None: from the OS). exclude_from_penalty: a token id (the leading
+        <|endoftext|>) that the repetition penalty ignores. prompt_logprobs: also return the log-probs
+        of tokens[1:] from the prefill, with that many alternatives each.
+        """
+        if self.windows[slot] is not None:
+            raise RuntimeError(f"slot {slot} is busy")
+        if not 1 <= len(tokens) <= self.context_length:
+            raise ValueError(f"a slot holds 1..{self.context_length} tokens, got {len(tokens)}")
+        self.windows[slot] = list(tokens)
+        self.configs[slot] = config
+        self.generators[slot] = None if config.greedy else make_generator(seed, self.device)
+        self.options.temperature[slot] = config.temperature
+        self.options.top_k[slot] = config.top_k
+        self.options.top_p[slot] = config.top_p
+        self.options.penalty[slot] = config.repetition_penalty
+        self.present[slot] = False
+        content = [t for t in tokens if t != exclude_from_penalty]
+        if content:
+            self.present[slot, torch.as_tensor(content, device=self.device)] = True
+        prefill_logits = self._prefill(slot)  # (T, V)
+        if prompt_logprobs is None:
+            return []
+        ids = torch.as_tensor(list(tokens), device=self.device)
+        return logprobs_of(prefill_logits[:-1], ids[1:], prompt_logprobs)
+
+    def release(self, slot: int) -> None:
+        self.windows[slot] = None
+        self.configs[slot] = None
+        self.generators[slot] = None
+
+    @torch.inference_mode()
+    def sample(self, logprobs: int | None = None) -> dict[int, tuple[int, TokenLogprobs | None]]:
+        """The next token of every active slot: {slot: (token, its logprobs or None)}.
+
+        logprobs: alternatives per token (0..MAX_LOGPROBS) to report, None for no log-probs.
+        """
+        active = self.active()
+        if not active:
+            return {}
+        sampled = [slot for slot in active if self.generators[slot] is not None]
+        for slot in sampled:
+            self.noise[slot].exponential_(1.0, generator=self.generators[slot])
+        penalized = any(self.configs[slot].repetition_penalty != 1.0 for slot in active)
+        tokens = sample_rows(self.logits, self.options, self.noise if sampled else None,
+                             self.present if penalized else None)  # (S,)
+        if penalized:
+            self.present[self.cache_rows(active), tokens[active]] = True
+        chosen = tokens.tolist()
+        details: list[TokenLogprobs | None] = [None] * len(active)
+        if logprobs is not None:
+            details = logprobs_of(self.logits[active], tokens[active], logprobs)
+        return {slot: (chosen[slot], detail) for slot, detail in zip(active, details)}
+
+    def cache_rows(self, slots: list[int]) -> torch.Tensor:
+        return torch.as_tensor(slots, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def advance(self, fed: dict[int, int]) -> None:
+        """Feed one token to every active slot and compute each slot's next logits (one decode step;
+        a slot whose window is full rolls: its last keep_on_roll tokens are prefilled again)."""
+        if set(fed) != set(self.active()):
+            raise RuntimeError("advance feeds every active slot exactly once per round")
+        stepping, rolling = {}, []
+        for slot, token in fed.items():
+            window = self.windows[slot]
+            if len(window) == self.context_length:
+                self.windows[slot] = (window + [token])[-self.keep_on_roll:]
+                rolling.append(slot)
+            else:
+                stepping[slot] = (token, len(window))
+                window.append(token)
+        if stepping:
+            self._step_slots(stepping)
+        for slot in rolling:
+            self.rolls += 1
+            self._prefill(slot)
+
+    def _step_slots(self, stepping: dict[int, tuple[int, int]]) -> None:
+        """The decode step for {slot: (token, position)}; other slots feed token 0 at position 0 (free,
+        or rolling: they are prefilled afresh right after), so no live cache entry is touched."""
+        if self.cache is None:
+            for slot in stepping:
+                self._recompute(slot)
+            return
+        tokens, positions = [0] * self.slots, [0] * self.slots
+        for slot, (token, position) in stepping.items():
+            tokens[slot], positions[slot] = token, position
+        self.tokens.copy_(torch.tensor(tokens))
+        self.positions.copy_(torch.tensor(positions))
+        cache = self.cache
+        if self._step is decode_step:  # eager: shapes may change, so read only the slots in use
+            cache = cache.prefix(max(positions) + 1)
+        self.logits = self._step(self.model, self.tokens, self.positions, cache)  # (S, V)
+
+    def _prefill(self, slot: int) -> torch.Tensor:
+        """Run the model's forward on the slot's window (filling its cache row); returns its logits (T, V)."""
+        if self.cache is None:
+            return self._recompute(slot)
+        ids = torch.as_tensor(self.windows[slot], dtype=torch.long, device=self.device)[None]  # (1, T)
+        logits, _ = self.model(ids, cache=self.cache.row(slot))  # (1, T, V)
+        self.logits[slot] = logits[0, -1]
+        return logits[0]
+
+    def _recompute(self, slot: int) -> torch.Tensor:
+        """The no-cache reference: the whole window from scratch."""
+        ids = torch.as_tensor(self.windows[slot], dtype=torch.long, device=self.device)[None]  # (1, T)
+        logits, _ = self.model(ids)  # (1, T, V)
+        self.logits[slot] = logits[0, -1]
+        return logits[0]
