@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tinystories.cli import main
@@ -31,8 +33,19 @@ def test_presets_explain_shows_fields_values_reasons_and_parameters(capsys):
     assert preset.reasons["sliding_window"] in lines["model.sliding_window"]
     assert lines["train.optimizer"].split()[1] == "'adamw8bit'"
     assert preset.reasons["optimizer"] in lines["train.optimizer"]
-    assert lines["model.n_layer"].split() == ["model.n_layer", "12"]  # no reason given: value only
+    # no reason given: the field's own note from config.py, in parentheses
+    assert lines["model.n_layer"].split()[:3] == ["model.n_layer", "12", "(transformer"]
+    assert "(RMS-normalise queries and keys" in lines["model.qk_norm"]
+    assert "(None: off; d: also keep, evaluate and ship an average of the weights)" in lines["train.ema_decay"]
     assert len(lines) == len(preset.model.to_dict()) + len(preset.train.to_dict())
+
+
+def test_every_config_field_has_a_note():
+    from tinystories.config import ModelConfig, TrainConfig, field_notes
+
+    for cls in (ModelConfig, TrainConfig):
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in field_notes(cls)]
+        assert not missing, f"{cls.__name__} fields without a note: {missing}"
 
 
 def test_explain_unknown_preset_is_a_user_error(capsys):

@@ -24,6 +24,19 @@ class ConfigError(UserError):
     """A configuration value or file is invalid."""
 
 
+def field_notes(cls: type) -> dict[str, str]:
+    """Each field's trailing comment in this file (the documentation `presets --explain` shows)."""
+    import inspect
+    import re
+
+    notes = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s{4}(\w+): [^#]*#\s*(.+)$", line)
+        if match:
+            notes[match.group(1)] = match.group(2).strip()
+    return notes
+
+
 def _requirement_checker(section: str):
     """need(condition, message): raise a one-line ConfigError naming the config section."""
 
@@ -38,20 +51,20 @@ def _requirement_checker(section: str):
 class ModelConfig:
     """The shape of a GPT-style transformer. Every architecture variant is a setting here."""
 
-    vocab_size: int = 4096
-    context_length: int = 256
-    n_layer: int = 4
-    n_head: int = 4
+    vocab_size: int = 4096  # token ids 0 .. vocab_size-1 (a new run takes it from its data's tokenizer)
+    context_length: int = 256  # tokens a model sees at once (training windows, generation's window)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads (head_dim = d_model / n_head)
     n_kv_head: int | None = None  # None: same as n_head (MHA); 1: MQA; between: GQA
-    d_model: int = 128
+    d_model: int = 128  # width of the residual stream
     d_ff: int | None = None  # None: 4*d for gelu, ~8/3*d (rounded up to 32) for swiglu
     norm: str = "rmsnorm"  # 'layernorm' | 'rmsnorm'
-    norm_eps: float = 1e-5
-    position: str = "rope"  # 'learned' | 'rope'
-    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5  # added to the variance inside every norm
+    position: str = "rope"  # 'learned' (a table) | 'rope' (rotary: relative positions, no parameters)
+    rope_theta: float = 10000.0  # RoPE base: pair i turns by position * theta^(-2i/head_dim)
     mlp: str = "swiglu"  # 'gelu' | 'swiglu' | 'relu2' (proj(relu(fc(x))^2), as modded-nanogpt)
     bias: bool = False  # biases in linear layers and LayerNorm
-    dropout: float = 0.0
+    dropout: float = 0.0  # on embeddings, attention weights and both residual branches while training
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
     sliding_window: int | None = None  # None: full causal attention; N: attend to the last N tokens
     qk_norm: bool = False  # RMS-normalise queries and keys per head (no weights) before RoPE
@@ -150,34 +163,34 @@ class TrainConfig:
 
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 2000
+    max_steps: int = 2000  # optimizer updates to train for (the lr schedule ends there)
     max_minutes: float | None = None  # stop (and finish the schedule) after this much training time
     optimizer: str = "adamw"  # 'adamw' | 'muon' (Muon for hidden matrices, AdamW for the rest) | 'adamw8bit'
     lr: float = 3e-3  # peak learning rate of AdamW
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     muon_lr: float = 0.02  # peak learning rate of Muon (when optimizer == 'muon')
     schedule: str = "cosine"  # 'cosine' | 'wsd' (warmup-stable-decay) | 'constant'
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # updates over which the lr rises linearly from 0 to its peak
     decay_fraction: float = 0.2  # wsd: the last fraction of training that decays
     weight_decay: float = 0.1  # weight matrices (Muon's and AdamW's); norms and biases are never decayed
     embedding_weight_decay: float = 0.0  # the token (and position) embeddings, which a tied head shares
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # 0 disables clipping
     batching: str = "windows"  # 'windows' (random windows) | 'epochs' (every window once per pass, reshuffled) | 'stories' (padded whole stories)
     eval_every: int = 200  # steps between evaluations (and checkpoints)
     eval_tokens: int = 65536  # size of the fixed validation subset evaluated each time
-    log_every: int = 10
+    log_every: int = 10  # steps between train_loss lines in metrics.jsonl (each one reads the device once)
     patience: int | None = None  # stop after this many evaluations without improvement
-    seed: int = 1337
+    seed: int = 1337  # initial weights, dropout masks and the order of batches
     device: str = "auto"  # 'auto' (cuda > mps > cpu) | 'cpu' | 'cuda' | 'mps'
     dtype: str = "auto"  # 'auto' (bf16 autocast on CUDA, fp32 elsewhere) | 'float32' | 'bfloat16'
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (faster steps after a first compiling one)
     deterministic: bool = True  # the same seed, data and thread count give bit-identical runs (compiled too)
     ema_decay: float | None = None  # None: off; d: also keep, evaluate and ship an average of the weights
     sample_tokens: int = 120  # length of the sample story printed at each evaluation (0: none)
     wandb: str | None = None  # a Weights & Biases project name
-    tensorboard: bool = False
+    tensorboard: bool = False  # also log to RUN/tensorboard
 
     def __post_init__(self) -> None:
         self.validate()

@@ -40,18 +40,22 @@ def presets_table() -> str:
 
 
 def explain(name: str) -> str:
-    """Every model and train field of preset `name` with its value and the preset's reason, if any."""
-    from tinystories.config import get_preset
+    """Every model and train field of preset `name` with its value and the preset's reason for it, or,
+    for a field the preset leaves alone, what the field means (its note in config.py, in parentheses)."""
+    from tinystories.config import ModelConfig, TrainConfig, field_notes, get_preset
 
     preset = get_preset(name)
+    notes = {"model": field_notes(ModelConfig), "train": field_notes(TrainConfig)}
     count = preset.model.num_parameters()
     lines = [f"{preset.name}: {preset.mirrors}",
              f"parameters: {count:,} ({format_parameters(count)})", f"tokenizer: {preset.tokenizer}"]
     rows = []
     for section, values in (("model", preset.model), ("train", preset.train)):
         for field in dataclasses.fields(values):
+            reason = preset.reasons.get(field.name, preset.reasons.get(f"{section}.{field.name}"))
+            note = notes[section].get(field.name)
             rows.append((f"{section}.{field.name}", repr(getattr(values, field.name)),
-                         preset.reasons.get(field.name, preset.reasons.get(f"{section}.{field.name}", ""))))
+                         reason or (f"({note})" if note else "")))
     name_width = max(len(row[0]) for row in rows)
     value_width = max(len(row[1]) for row in rows)
     for field, value, reason in rows:
