@@ -1,49 +1,45 @@
-"""A small deterministic stand-in for `tinystories.generate.LanguageModel`, for the server tests.
+"""A small deterministic stand-in for the model under the server: a fake decode engine.
 
-It follows the documented interface (`generate`, `stream`, `tokenizer`, the sampling keywords and
-their `UserError`s) and records every call, so tests can check what the server asked of the model,
-that calls never overlap, and when a stream was told to stop.
+The server decodes through `language_model.new_engine(slots)`. `FakeEngine` has the engine's
+interface (`start`, `sample`, `advance`, `release`, `active`, `free_slot`) and emits PIECES, one token
+id each (`PieceTokenizer`), from an offset fixed by the seed and the prompt, sleeping `delay` seconds
+per decode round as a batched step would. It checks nothing about the sampling options: the server
+builds the library's real `SamplingConfig`, whose rules are the ones under test. It records what the
+server asked of it: every start (prompt, options, seed), how many slots each round decoded, and when
+a slot was freed, so tests can check batching, per-row options and disconnects.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 
+from tinystories.decoding import TokenLogprobs
 from tinystories.errors import UserError
 
 PIECES = [" The", " little", " dog", " ran", " to", " the", " park", ".", " He", " was", " very", " happy", "."]
-FAIL_PROMPT = "<fail>"  # a prompt the fake refuses like a real model refuses a bad prompt
+FAIL_PROMPT = "<fail>"  # a prompt the fake refuses like a model refuses input (a UserError)
 CRASH_PROMPT = "<crash>"  # a prompt on which the fake fails like a bug would
 
 
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
+class PieceTokenizer:
+    """Ids 0..12 are PIECES, 13 is <|endoftext|>, 14.. one per UTF-8 byte (what prompts encode to)."""
 
-
-@dataclass
-class Chunk:
-    text: str
-    token_id: int | None
-    finish_reason: str | None
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte."""
-
-    eot_id = 256
-    vocab_size = 257
+    eot_id = len(PIECES)
+    first_byte = eot_id + 1
+    vocab_size = first_byte + 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return [self.first_byte + byte for byte in text.encode("utf-8")]
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        out = bytearray()
+        for i in ids:
+            if i < len(PIECES):
+                out += PIECES[i].encode("utf-8")
+            elif i > self.eot_id:
+                out.append(i - self.first_byte)
+        return out.decode("utf-8", errors="replace")
 
 
 def expected_pieces(prompt: str, seed: int | None, max_new_tokens: int) -> list[str]:
@@ -52,90 +48,78 @@ def expected_pieces(prompt: str, seed: int | None, max_new_tokens: int) -> list[
     return [PIECES[(start + i) % len(PIECES)] for i in range(max_new_tokens)]
 
 
-class FakeLanguageModel:
-    def __init__(self, delay: float = 0.0) -> None:
-        self.tokenizer = ByteTokenizer()
-        self.delay = delay  # seconds per token, to make requests take time
-        self.calls: list[tuple[str, object, dict]] = []  # (method, prompt, sampling)
-        self.streams: list[dict] = []  # per stream call: prompt, tokens produced, whether told to stop
-        self.overlaps = 0  # model calls that found another call running
-        self._busy = threading.Lock()
-        self.stream_started = threading.Event()
+def fake_logprob(token: int) -> float:
+    """The log-probability the fake reports for `token` (its top alternative is always token 0)."""
+    return -1.0 - token / 10
 
-    def _check(self, sampling: dict) -> dict:
-        """Mirror SamplingConfig: the same keywords, defaults and one-line UserErrors."""
-        config = {"max_new_tokens": 200, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                  "repetition_penalty": 1.0, "seed": None, "stop": ()}
-        unknown = set(sampling) - set(config)
-        if unknown:
-            raise TypeError(f"unexpected sampling arguments {sorted(unknown)}")
-        config.update(sampling)
-        if config["temperature"] < 0:
-            raise UserError("temperature must be >= 0")
-        if not 0 < config["top_p"] <= 1:
-            raise UserError("top_p must be in (0, 1]")
-        if config["top_k"] < 0 or config["max_new_tokens"] < 1:
-            raise UserError("top_k must be >= 0 and max_new_tokens >= 1")
-        return config
 
-    def _run(self, prompt: str, config: dict) -> list[Chunk]:
+class FakeEngine:
+    def __init__(self, model: "FakeLanguageModel", slots: int) -> None:
+        self.model, self.slots = model, slots
+        self.rows: dict[int, dict] = {}  # slot -> the record of the start it serves
+
+    def active(self) -> list[int]:
+        return sorted(self.rows)
+
+    def free_slot(self) -> int | None:
+        return next((slot for slot in range(self.slots) if slot not in self.rows), None)
+
+    def start(self, slot, tokens, config, seed=None, exclude_from_penalty=None, prompt_logprobs=None):
+        if slot in self.rows:
+            raise RuntimeError(f"slot {slot} is busy")
+        tokenizer = self.model.tokenizer
+        prompt = tokenizer.decode(tokens[1:] if tokens and tokens[0] == tokenizer.eot_id else tokens)
+        record = {"prompt": prompt, "tokens": list(tokens), "config": config, "seed": seed, "slot": slot,
+                  "produced": 0, "released": False,
+                  "others_produced": {r["prompt"]: r["produced"] for r in self.model.starts}}
+        self.model.starts.append(record)
         if prompt == FAIL_PROMPT:
             raise UserError("prompt: refused by the model")
         if prompt == CRASH_PROMPT:
             raise RuntimeError("simulated bug")
-        chunks, text = [], ""
-        for index, piece in enumerate(expected_pieces(prompt, config["seed"], config["max_new_tokens"])):
-            text += piece
-            hits = [text.find(stop) for stop in config["stop"] if stop in text]
-            if hits:
-                cut = min(hits)
-                emitted = "".join(chunk.text for chunk in chunks)
-                chunks.append(Chunk(text[len(emitted):cut], 1000 + index, "stop"))
-                return chunks
-            last = index == config["max_new_tokens"] - 1
-            chunks.append(Chunk(piece, 1000 + index, "length" if last else None))
-        return chunks
+        self.rows[slot] = record
+        self.model.stream_started.set()
+        if prompt_logprobs is None:
+            return []
+        return [TokenLogprobs(-0.5, [(0, -0.25)][:prompt_logprobs]) for _ in tokens[1:]]
 
-    def _enter(self) -> None:
-        if not self._busy.acquire(blocking=False):
-            self.overlaps += 1
-            self._busy.acquire()
+    def sample(self, logprobs=None):
+        time.sleep(self.model.delay)
+        self.model.rounds.append(len(self.rows))
+        sampled = {}
+        for slot, record in self.rows.items():
+            token = ((record["seed"] or 0) + len(record["prompt"]) + record["produced"]) % len(PIECES)
+            record["produced"] += 1
+            details = None
+            if logprobs is not None:
+                details = TokenLogprobs(fake_logprob(token), [(0, fake_logprob(0))][:logprobs])
+            sampled[slot] = (token, details)
+        return sampled
 
-    def generate(self, prompt, num_samples: int = 1, use_cache: bool = True, **sampling) -> list[Completion]:
-        self._enter()
-        try:
-            self.calls.append(("generate", prompt, dict(sampling)))
-            config = self._check(sampling)
-            completions = []
-            for one_prompt in [prompt] if isinstance(prompt, str) else prompt:
-                for sample in range(num_samples):
-                    seed = None if config["seed"] is None else config["seed"] + sample
-                    chunks = self._run(one_prompt, dict(config, seed=seed))
-                    time.sleep(self.delay * len(chunks))
-                    completions.append(Completion("".join(chunk.text for chunk in chunks),
-                                                  [chunk.token_id for chunk in chunks], chunks[-1].finish_reason,
-                                                  len(self.tokenizer.encode(one_prompt))))
-            return completions
-        finally:
-            self._busy.release()
+    def advance(self, fed) -> None:
+        if set(fed) != set(self.rows):
+            raise RuntimeError("advance feeds every active slot exactly once per round")
 
-    def stream(self, prompt: str, use_cache: bool = True, should_stop=None, **sampling):
-        self._enter()
-        # stopped: should_stop() said so; finished: the generator ended (ran out, stopped or closed).
-        record = {"prompt": prompt, "produced": 0, "stopped": False, "finished": False, "should_stop": should_stop}
-        try:
-            self.calls.append(("stream", prompt, dict(sampling)))
-            config = self._check(sampling)
-            chunks = self._run(prompt, config)
-            self.streams.append(record)
-            self.stream_started.set()
-            for chunk in chunks:
-                if should_stop is not None and should_stop():
-                    record["stopped"] = True
-                    return
-                time.sleep(self.delay)
-                record["produced"] += 1
-                yield chunk
-        finally:
-            record["finished"] = True
-            self._busy.release()
+    def release(self, slot: int) -> None:
+        self.rows.pop(slot)["released"] = True
+
+
+class FakeLanguageModel:
+    def __init__(self, delay: float = 0.0, context_length: int = 1000) -> None:
+        self.tokenizer = PieceTokenizer()
+        self.vocab_size = self.tokenizer.vocab_size
+        self.context_length = context_length
+        self.delay = delay  # seconds per decode round, to make requests take time
+        self.starts: list[dict] = []  # every row the server started, in order
+        self.rounds: list[int] = []  # how many rows each decode round served
+        self.scored: list[list[int]] = []  # prompts scored without generating (max_tokens 0)
+        self.engines = 0
+        self.stream_started = threading.Event()
+
+    def new_engine(self, slots: int) -> FakeEngine:
+        self.engines += 1
+        return FakeEngine(self, slots)
+
+    def score(self, tokens: list[int], top: int = 0) -> list[TokenLogprobs]:
+        self.scored.append(list(tokens))
+        return [TokenLogprobs(-0.5, [(0, -0.25)][:top]) for _ in tokens[1:]]

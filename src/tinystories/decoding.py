@@ -268,6 +268,7 @@ class DecodeEngine:
         self.rolls = 0
         compile = compile_by_default() if compile is None else compile
         self._step = compiled_step(model) if compile and use_cache and not is_quantized(model) else decode_step
+        self.compiled = self._step is not decode_step
 
     def active(self) -> list[int]:
         return [slot for slot, window in enumerate(self.windows) if window is not None]

@@ -299,6 +299,10 @@ class LanguageModel:
     def context_length(self) -> int:
         return self.model.config.context_length
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
     def encode_prompt(self, prompt: str) -> list[int]:
         """The tokens generation starts from: [EOT] + the prompt's tokens (cut to the context)."""
         return prompt_tokens(self.tokenizer, prompt, self.context_length)
@@ -306,6 +310,18 @@ class LanguageModel:
     def new_engine(self, slots: int, use_cache: bool = True) -> DecodeEngine:
         """A fresh engine of `slots` slots over this model (the server keeps one for its lifetime)."""
         return DecodeEngine(self.model, slots, use_cache=use_cache, compile=self.compile)
+
+    def warm_up(self, slots: int = 1) -> bool:
+        """Compile the decode step for engines of `slots` slots now, if this model compiles (every such
+        engine then reuses it). Returns whether it compiled."""
+        engine = self.new_engine(slots)
+        if not engine.compiled:
+            return False
+        eot = self.tokenizer.eot_id
+        with eval_mode(self.model):
+            engine.start(0, [eot], SamplingConfig(temperature=0))
+            engine.advance({0: eot})
+        return True
 
     @contextlib.contextmanager
     def _engine(self, rows: int, use_cache: bool) -> Iterator[DecodeEngine]:

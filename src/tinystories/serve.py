@@ -1,20 +1,21 @@
-"""HTTP server: an OpenAI-compatible completions API and a small web page, over `generate`.
+"""HTTP server: an OpenAI-compatible completions API and a small web page, over the decode engine.
 
     GET  /                     the web page (self-contained: inline CSS and JS, no network assets)
-    GET  /health               {"status": "ok", "model": ..., "max_tokens_limit": ..., "pending": ...}
+    GET  /health               {"status": "ok", "model": ..., "max_tokens_limit": ..., "pending": ..., "slots": ...}
     GET  /v1/models            the one served model, OpenAI's list format
     POST /v1/completions       OpenAI's legacy completions API; `stream: true` sends server-sent events
     POST /v1/chat/completions  not offered (a story model has no chat format): OpenAI-style 404
 
-The server never samples by itself: every request becomes one call of `LanguageModel.generate`
-(non-streamed, all prompts x n samples in one batch) or `LanguageModel.stream` (streamed). Those calls
-run one at a time, in arrival order, on a single model thread: the model's tensors are not shared
-between threads, torch's own thread pool keeps the cores busy, and the event loop stays free to accept
-connections, answer /health and notice disconnects. A client that disconnects while its request waits
-is skipped, and one that disconnects during a stream stops its generation through `should_stop`.
+Requests are decoded together (`serve_worker.BatchWorker`): every choice of every request is a row
+in one slot of the engine's static KV cache; a request joins the running batch at the next step and
+leaves it when it ends, and a client that goes away frees its slot at once. Each row keeps its own
+sampling options and seed, so a choice gets the same tokens it would get alone (`slots=1` serves one
+request at a time). `logprobs` (0..5) reports each token's log-probability under the model and its
+most likely alternatives, as OpenAI's legacy API; `echo` with `max_tokens: 0` scores a prompt.
 
-Bad input never reaches the model: the JSON body is checked field by field and refused with
-OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` (400, 404, 405, 413 or 415).
+Bad input never reaches the model (`serve_schema`): the JSON body is checked field by field and
+refused with OpenAI's error shape (400, 404, 405, 413 or 415); nothing of it is logged as a traceback.
+The handlers are module-level functions reading what they need from `request.app.state`.
 """
 
 from __future__ import annotations
@@ -22,16 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-import math
 import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
 from starlette.applications import Starlette
@@ -40,366 +38,310 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tinystories.decoding import TokenLogprobs
 from tinystories.errors import UserError
+from tinystories.generate import Completion, row_seed, token_offsets
+from tinystories.serve_schema import APIError, CompletionRequest, invalid, parse_completion_request, read_json_body
+from tinystories.serve_worker import BatchWorker, Job, LanguageModelLike, RequestJobs
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_TOKENS_LIMIT = 1024  # the largest `max_tokens` a request may ask for
 DEFAULT_MAX_BODY_BYTES = 256 * 1024  # a story prompt is a few KB; anything near this is abuse
 DEFAULT_MAX_PENDING = 64  # requests queued or running before new ones get a 503
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_CHOICES = 16  # prompts x n in one request
-MAX_STOP_SEQUENCES = 4  # as OpenAI
-MAX_SEED = 2**63 - 1
-
-logger = logging.getLogger("tinystories.serve")
+DEFAULT_SLOTS = 16  # rows decoded together: each a choice of a running request
 
 
-class LanguageModelLike(Protocol):
-    """What the server needs from `tinystories.generate.LanguageModel`."""
+@dataclass
+class ServerSettings:
+    """What the handlers read from `request.app.state.settings`."""
 
-    tokenizer: Any
-
-    def generate(self, prompt: str | list[str], num_samples: int = 1, **sampling: Any) -> list[Any]: ...
-
-    def stream(self, prompt: str, should_stop: Callable[[], bool] | None = None, **sampling: Any) -> Iterator[Any]: ...
+    model_name: str
+    max_tokens_limit: int
+    max_body_bytes: int
+    created: int
 
 
 # ----------------------------------------------------------------------------------------------
-# Errors in OpenAI's shape
+# From a checked request to the worker's jobs
 
 
-class APIError(Exception):
-    """A request the server refuses; becomes `{"error": {...}}` with `status`."""
+@dataclass
+class PromptRead:
+    """A prompt as the model reads it: tokens (cut to the context), its own tokens and text for echo."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def payload(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.payload(), status_code=self.status, headers=headers)
+    tokens: list[int]
+    own_tokens: list[int]
+    text: str
 
 
-def _invalid(param: str | None, message: str, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading and checking a request
-
-
-@dataclass(frozen=True)
-class CompletionRequest:
-    """A checked /v1/completions request. `sampling` holds `LanguageModel` keyword arguments."""
-
-    prompts: list[str]
-    n: int = 1
-    stream: bool = False
-    include_usage: bool = False
-    echo: bool = False
-    sampling: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_choices(self) -> int:
-        return len(self.prompts) * self.n
-
-
-_OPENAI_FIELDS = {
-    "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
-    "echo", "logprobs", "best_of", "presence_penalty", "frequency_penalty", "logit_bias", "user", "suffix",
-}
-_EXTENSION_FIELDS = {"top_k", "repetition_penalty"}
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1 here
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
-def _integer(body: dict, name: str, default: int | None, low: int, high: int, high_reason: str = "") -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # 16.0 is accepted as 16, like OpenAI
-    if not _is_integer(value):
-        raise _invalid(name, f"'{name}' must be an integer, got {json.dumps(value)}", "invalid_type")
-    if value < low:
-        raise _invalid(name, f"'{name}' must be at least {low}, got {value}")
-    if value > high:
-        raise _invalid(name, f"'{name}' must be at most {high}{high_reason}, got {value}")
-    return value
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_number(value):
-        raise _invalid(name, f"'{name}' must be a number, got {json.dumps(value)}", "invalid_type")
-    if value < low or (low_open and value == low) or value > high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise _invalid(name, f"'{name}' must be in {interval}, got {value:g}")
-    return float(value)
-
-
-def _boolean(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise _invalid(name, f"'{name}' must be true or false, got {json.dumps(value)}", "invalid_type")
-    return value
-
-
-def _prompts(body: dict) -> list[str]:
-    prompt = body.get("prompt", None)
-    if "prompt" not in body or prompt is None:
-        raise _invalid("prompt", "'prompt' is required: a string or a list of strings", "missing_required_parameter")
+def read_prompt(language_model: LanguageModelLike, prompt: str | list[int], whole: bool) -> PromptRead:
+    """Text is read as <|endoftext|> + its tokens, token ids as given; longer than the context, the
+    last context_length tokens are kept, unless `whole` (its log-probabilities are wanted): a 400."""
+    tokenizer, context = language_model.tokenizer, language_model.context_length
     if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(item, str) for item in prompt):
-        if len(prompt) > MAX_CHOICES:
-            raise _invalid("prompt", f"at most {MAX_CHOICES} prompts per request, got {len(prompt)}")
-        return list(prompt)
-    if isinstance(prompt, list) and prompt and all(_is_integer(item) or isinstance(item, list) for item in prompt):
-        raise _invalid("prompt", "token-id prompts are not supported: send the prompt as text", "unsupported_value")
-    raise _invalid("prompt", "'prompt' must be a string or a non-empty list of strings", "invalid_type")
+        own = tokenizer.encode(prompt)
+        read, text = [tokenizer.eot_id] + own, prompt
+    else:
+        own = list(prompt)
+        read, text = own, tokenizer.decode(own)
+    if len(read) > context:
+        if whole:
+            raise invalid("prompt", f"the prompt is {len(read)} tokens, more than the context length {context}: "
+                                    "echo with logprobs scores a prompt in one window; send a shorter one")
+        read = read[-context:]
+    return PromptRead(read, own, text)
 
 
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    sequences = [stop] if isinstance(stop, str) else stop
-    if not isinstance(sequences, list) or not all(isinstance(item, str) for item in sequences):
-        raise _invalid("stop", "'stop' must be a string or a list of strings", "invalid_type")
-    if len(sequences) > MAX_STOP_SEQUENCES:
-        raise _invalid("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(sequences)}")
-    if any(item == "" for item in sequences):
-        raise _invalid("stop", "stop sequences must not be empty strings")
-    return tuple(sequences)
-
-
-def _refuse_unsupported(body: dict) -> None:
-    """OpenAI fields this server accepts only at their neutral value."""
-    for name in ("logprobs", "suffix"):
-        if body.get(name) is not None:
-            raise _invalid(name, f"'{name}' is not supported by this server", "unsupported_parameter")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = body.get(name)
-        if value is not None and (not _is_number(value) or value != 0):
-            raise _invalid(name, f"'{name}' is not supported (only 0); use 'repetition_penalty' instead",
-                           "unsupported_parameter")
-    logit_bias = body.get("logit_bias")
-    if logit_bias not in (None, {}):
-        raise _invalid("logit_bias", "'logit_bias' is not supported by this server", "unsupported_parameter")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _invalid("user", "'user' must be a string", "invalid_type")
-
-
-def parse_completion_request(body: Any, model_name: str, max_tokens_limit: int) -> CompletionRequest:
-    """Check a decoded /v1/completions body. Raises `APIError` naming the first bad field."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_type")
-    unknown = sorted(set(body) - _OPENAI_FIELDS - _EXTENSION_FIELDS)
-    if unknown:
-        raise _invalid(unknown[0], f"unrecognized request argument supplied: {unknown[0]}", "unknown_parameter")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _invalid("model", "'model' must be a string", "invalid_type")
-    if model is not None and model != model_name:
-        raise APIError(404, f"the model '{model}' does not exist; this server serves '{model_name}'",
-                       param="model", code="model_not_found")
-    _refuse_unsupported(body)
-    prompts = _prompts(body)
-    n = _integer(body, "n", 1, 1, MAX_CHOICES)
-    if len(prompts) * n > MAX_CHOICES:
-        raise _invalid("n", f"prompts x n must be at most {MAX_CHOICES}, got {len(prompts)} x {n}")
-    best_of = _integer(body, "best_of", None, 1, MAX_CHOICES)
-    if best_of is not None and best_of != n:
-        raise _invalid("best_of", "'best_of' is not supported (it may only equal n)", "unsupported_parameter")
-    stream = _boolean(body, "stream", False)
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not stream:
-            raise _invalid("stream_options", "'stream_options' is only allowed when 'stream' is true")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise _invalid("stream_options", "'stream_options' must be an object like {\"include_usage\": true}",
-                           "invalid_type")
-        include_usage = _boolean(options, "include_usage", False)
-    sampling = {
-        "max_new_tokens": _integer(body, "max_tokens", min(DEFAULT_MAX_TOKENS, max_tokens_limit), 1,
-                                   max_tokens_limit, " (this server's max_tokens limit)"),
-        "temperature": _number(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        "top_k": _integer(body, "top_k", 0, 0, 1_000_000),
-        "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
-        "seed": _integer(body, "seed", None, 0, MAX_SEED),
-        "stop": _stop(body),
-    }
-    return CompletionRequest(prompts=prompts, n=n, stream=stream, include_usage=include_usage,
-                             echo=_boolean(body, "echo", False), sampling=sampling)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def read_json_body(request: Request, max_body_bytes: int) -> Any:
-    """The request's JSON body, refusing a wrong content type (415), a large body (413) or bad JSON (400)."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";")[0].strip().lower() != "application/json":
-        raise APIError(415, f"Content-Type must be application/json, got {content_type or 'none'!r} "
-                            "(e.g. curl -H 'Content-Type: application/json')", code="unsupported_media_type")
-    too_large = APIError(413, f"request body is larger than {max_body_bytes} bytes", code="request_too_large")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise APIError(400, "invalid Content-Length header", code="invalid_header")
-        if int(declared) > max_body_bytes:
-            raise too_large
-    body = bytearray()
-    async for piece in request.stream():  # also bounds chunked bodies, which declare no length
-        body += piece
-        if len(body) > max_body_bytes:
-            raise too_large
-    try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise APIError(400, "request body is not valid UTF-8", code="invalid_json") from None
-    except (ValueError, RecursionError) as error:
-        raise APIError(400, f"request body is not valid JSON ({error})", code="invalid_json") from None
+def make_jobs(parsed: CompletionRequest, language_model: LanguageModelLike) -> tuple[list[Job], list[PromptRead]]:
+    """One job per choice (prompt-major: prompt i's n samples, sample j seeded with seed + j)."""
+    wants_prompt_logprobs = parsed.echo and parsed.logprobs is not None
+    prompts = [read_prompt(language_model, p, wants_prompt_logprobs) for p in parsed.prompts]
+    jobs = []
+    for index in range(parsed.num_choices):
+        sampling = parsed.sampling
+        seed = None if sampling is None else row_seed(sampling.seed, index % parsed.n)
+        jobs.append(Job(index, prompts[index // parsed.n].tokens, sampling, seed, parsed.logprobs,
+                        parsed.logprobs if wants_prompt_logprobs else None))
+    return jobs, prompts
 
 
 # ----------------------------------------------------------------------------------------------
-# The model thread
+# OpenAI's logprobs objects
 
 
-class _Cancelled(Exception):
-    """The client went away before its request reached the model."""
+def _alternatives(tokenizer: Any, details: TokenLogprobs | None) -> dict[str, float] | None:
+    """Each alternative's text -> its log-probability; tokens with the same text (the pieces of one
+    UTF-8 character all read U+FFFD) keep the likeliest."""
+    if details is None:
+        return None
+    alternatives: dict[str, float] = {}
+    for token, logprob in details.top:  # most likely first
+        alternatives.setdefault(tokenizer.decode([token]), logprob)
+    return alternatives
 
 
-class ModelWorker:
-    """Runs model calls one at a time on a dedicated thread, in arrival order.
+def logprobs_block(tokenizer: Any, tokens: list[int], details: list[TokenLogprobs | None],
+                   offsets: list[int]) -> dict[str, list]:
+    """{tokens, token_logprobs, top_logprobs, text_offset} for `tokens` (a None detail: a null entry)."""
+    return {
+        "tokens": [tokenizer.decode([token]) for token in tokens],
+        "token_logprobs": [None if d is None else d.logprob for d in details],
+        "top_logprobs": [_alternatives(tokenizer, d) for d in details],
+        "text_offset": offsets,
+    }
 
-    `pending` counts requests queued or running; past `max_pending` new requests are refused (503)
-    instead of queueing without bound.
-    """
 
-    def __init__(self, language_model: LanguageModelLike, max_pending: int = DEFAULT_MAX_PENDING) -> None:
-        self.language_model = language_model
-        self.max_pending = max_pending
-        self.pending = 0
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self.closing = threading.Event()  # set while the server shuts down: every stream stops
+def echo_details(prompt: PromptRead, scored: list[TokenLogprobs]) -> list[TokenLogprobs | None]:
+    """The prompt's own tokens' log-probs: the first is null (as OpenAI), each later one given the
+    tokens before it (for text, after the leading <|endoftext|> too)."""
+    count = len(prompt.own_tokens)
+    return ([None] + scored[len(scored) - (count - 1):]) if count else []
 
-    def _pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinystories-model")
-            return self._executor
 
-    def open(self) -> None:
-        self.closing.clear()
+def echo_block(tokenizer: Any, prompt: PromptRead, scored: list[TokenLogprobs]) -> dict[str, list]:
+    return logprobs_block(tokenizer, prompt.own_tokens, echo_details(prompt, scored),
+                          token_offsets(tokenizer, prompt.own_tokens))
 
-    async def close(self) -> None:
-        """Stop running streams at their next token, drop queued calls, wait for the model thread.
 
-        The wait happens off the event loop, which must keep running so cancelled requests can clean up.
-        """
-        self.closing.set()
-        with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+def choice_logprobs(tokenizer: Any, parsed: CompletionRequest, prompt: PromptRead, scored: list[TokenLogprobs],
+                    completion: Completion, echoed: str) -> dict[str, list] | None:
+    """The logprobs object of a non-streamed choice: the echoed prompt's tokens, then the new ones."""
+    if parsed.logprobs is None:
+        return None
+    block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    parts = [echo_block(tokenizer, prompt, scored)] if parsed.echo else []
+    generated = completion.token_ids
+    parts.append(logprobs_block(tokenizer, generated, list(completion.logprobs or [None] * len(generated)),
+                                [len(echoed) + offset for offset in token_offsets(tokenizer, generated)]))
+    for part in parts:
+        for key in block:
+            block[key].extend(part[key])
+    return block
 
-    def admit(self) -> None:
-        """Count one more request as pending, or refuse it (503) if the queue is full.
 
-        Called on the event loop thread only, like `release`, so the counter needs no lock.
-        """
-        if self.pending >= self.max_pending:
-            raise APIError(503, f"the server is busy ({self.pending} requests pending); retry shortly",
-                           type="server_error", code="server_busy")
-        self.pending += 1
+# ----------------------------------------------------------------------------------------------
+# POST /v1/completions
 
-    def release(self) -> None:
-        self.pending -= 1
 
-    def prompt_tokens(self, prompt: str) -> int:
-        """How many tokens the model reads for `prompt`, counted as `Completion.prompt_tokens` counts them."""
-        encode_prompt = getattr(self.language_model, "encode_prompt", None)  # [EOT] + prompt, cut to the context
-        return len(encode_prompt(prompt) if encode_prompt else self.language_model.tokenizer.encode(prompt))
+def _error_response(error: BaseException) -> Response:
+    """A job's failure as the request's answer: the model refused the input (400), or a bug (500; the
+    worker logged it)."""
+    if isinstance(error, UserError):
+        return invalid(None, str(error)).response()
+    return APIError(500, "the server failed to handle the request", type="server_error").response()
 
-    async def generate(self, prompts: list[str], n: int, sampling: dict[str, Any], gone: threading.Event) -> list[Any]:
-        """All prompts x n completions in one batched `generate` call (prompt-major order)."""
 
-        def call() -> list[Any]:
-            if gone.is_set() or self.closing.is_set():
-                raise _Cancelled()
-            return list(self.language_model.generate(prompts if len(prompts) > 1 else prompts[0],
-                                                     num_samples=n, **sampling))
+async def completions(request: Request) -> Response:
+    state = request.app.state
+    try:
+        body = await read_json_body(request, state.settings.max_body_bytes)
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody is left to read it
+    parsed = parse_completion_request(body, state.settings.model_name, state.settings.max_tokens_limit,
+                                      state.language_model.vocab_size)
+    jobs, prompts = make_jobs(parsed, state.language_model)
+    state.worker.admit()  # released when the answer is complete (or the stream ends)
+    try:
+        run = RequestJobs(state.worker, jobs)
+    except BaseException:
+        state.worker.release()
+        raise
+    if parsed.stream:
+        return await stream_completion(request, parsed, prompts, run)
+    try:
+        return await plain_completion(request, parsed, prompts, run)
+    finally:
+        state.worker.release()
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool(), call)
 
-    async def stream(self, jobs: Sequence[tuple[int, str, dict[str, Any]]], stop: threading.Event,
-                     ) -> AsyncIterator[tuple[str, int, Any]]:
-        """Run `stream` for each (choice index, prompt, sampling) in turn, as one queued call.
+async def _collect(run: RequestJobs) -> tuple[dict[int, list], dict[int, Completion], BaseException | None]:
+    """Every choice's prompt log-probs and completion; on the first error the other choices stop."""
+    scored, finished, failure = {}, {}, None
+    async for kind, index, value in run.events():
+        if kind == "prompt":
+            scored[index] = value
+        elif kind == "end":
+            finished[index] = value
+        elif kind == "error" and failure is None:
+            failure = value
+            run.cancel()
+    return scored, finished, failure
 
-        Yields ('prompt_tokens', index, count), ('chunk', index, Chunk) and ('error', index, exception)
-        items; the model thread stops at its next step once `stop` is set.
-        """
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
-        done = object()
 
-        def put(item: Any) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(items.put_nowait, item)
+async def plain_completion(request: Request, parsed: CompletionRequest, prompts: list[PromptRead],
+                           run: RequestJobs) -> Response:
+    watcher = asyncio.create_task(_watch_disconnect(request, run.cancelled))
+    try:
+        scored, finished, failure = await _collect(run)
+    finally:
+        watcher.cancel()
+    if run.cancelled.is_set() and failure is not None and str(failure) == "cancelled":
+        return Response(status_code=499)  # the client closed the connection; nobody reads this
+    if failure is not None:
+        return _error_response(failure)
+    tokenizer, choices, prompt_tokens, completion_tokens = request.app.state.language_model.tokenizer, [], 0, 0
+    for index in range(parsed.num_choices):
+        prompt, completion = prompts[index // parsed.n], finished[index]
+        echoed = prompt.text if parsed.echo else ""
+        choices.append({"text": echoed + completion.text, "index": index,
+                        "logprobs": choice_logprobs(tokenizer, parsed, prompt, scored.get(index, []), completion, echoed),
+                        "finish_reason": completion.finish_reason})
+        completion_tokens += len(completion.token_ids)
+        if index % parsed.n == 0:
+            prompt_tokens += len(prompt.tokens)  # each prompt is counted once, as OpenAI does
+    settings = request.app.state.settings
+    return JSONResponse({
+        "id": _completion_id(), "object": "text_completion", "created": int(time.time()),
+        "model": settings.model_name, "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    })
 
-        def should_stop() -> bool:
-            return stop.is_set() or self.closing.is_set()
 
-        def produce() -> None:
-            index = -1
-            try:
-                for index, prompt, sampling in jobs:
-                    if should_stop():
-                        return
-                    put(("prompt_tokens", index, self.prompt_tokens(prompt)))
-                    chunks = self.language_model.stream(prompt, should_stop=should_stop, **sampling)
-                    try:
-                        for chunk in chunks:
-                            put(("chunk", index, chunk))
-                            if should_stop():
-                                return
-                    finally:
-                        if hasattr(chunks, "close"):
-                            chunks.close()  # a generator left early runs its cleanup now, on this thread
-            except BaseException as error:  # handed to the request, which reports it
-                put(("error", index, error))
-            finally:
-                put(done)
+class _GiveBack:
+    """Ends a streamed request exactly once: its remaining jobs stop, its pending count is returned."""
 
-        future = loop.run_in_executor(self._pool(), produce)
+    def __init__(self, run: RequestJobs, worker: BatchWorker) -> None:
+        self.run, self.worker, self.done = run, worker, False
+
+    async def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.run.cancel()
+            self.worker.release()
+
+
+async def stream_completion(request: Request, parsed: CompletionRequest, prompts: list[PromptRead],
+                            run: RequestJobs) -> Response:
+    give_back = _GiveBack(run, request.app.state.worker)
+    events = run.events()
+    watcher = asyncio.create_task(_watch_disconnect(request, run.cancelled))  # while it waits its turn
+    try:
+        # Wait for the first event before answering, so that a refused prompt is still an HTTP error.
+        first = await events.__anext__()
+    except BaseException:
+        await give_back()
+        raise
+    finally:
+        watcher.cancel()
+    if first[0] == "error":
+        await give_back()
+        cancelled = run.cancelled.is_set() and str(first[2]) == "cancelled"
+        return Response(status_code=499) if cancelled else _error_response(first[2])
+    writer = StreamWriter(request.app.state, parsed, prompts)
+    return EventStreamResponse(writer.events(first, events, give_back), run.cancelled, on_close=give_back)
+
+
+class StreamWriter:
+    """Turns a request's job events into server-sent events, counting usage as they pass."""
+
+    def __init__(self, state: Any, parsed: CompletionRequest, prompts: list[PromptRead]) -> None:
+        self.parsed, self.prompts = parsed, prompts
+        self.tokenizer, self.model_name = state.language_model.tokenizer, state.settings.model_name
+        self.id, self.created = _completion_id(), int(time.time())
+        self.prompt_tokens, self.completion_tokens = 0, 0
+        self.text_length: dict[int, int] = {}  # characters sent per choice: the next token's text_offset
+
+    async def events(self, first: tuple, rest: AsyncIterator[tuple], finish: Callable[[], Awaitable[None]],
+                     ) -> AsyncIterator[str]:
         try:
-            while (item := await items.get()) is not done:
-                yield item
+            async for kind, index, value in _chained(first, rest):
+                text, failed = self.render(kind, index, value)
+                if text:
+                    yield text
+                if failed:
+                    return  # no [DONE]: the stream did not complete
+            if self.parsed.include_usage:
+                yield _sse({"id": self.id, "object": "text_completion", "created": self.created,
+                            "model": self.model_name, "choices": [],
+                            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                                      "total_tokens": self.prompt_tokens + self.completion_tokens}})
+            yield "data: [DONE]\n\n"
         finally:
-            stop.set()
-            if not future.done():
-                future.cancel()  # still queued: never runs; running: `stop` ends it at its next token
+            await finish()
+
+    def render(self, kind: str, index: int, value: Any) -> tuple[str | None, bool]:
+        """(the event to send or None, whether the stream failed)."""
+        if kind == "prompt":
+            return self._prompt(index, value), False
+        if kind == "chunk":
+            return self._chunk(index, value), False
+        if kind == "end":  # a scored-only choice (max_tokens 0) ends without a token
+            return (self._event(index, "", "length") if self.parsed.sampling is None else None), False
+        # an error after the response started: report it in-band, as OpenAI does
+        message = str(value) if isinstance(value, UserError) else "the model failed while generating"
+        return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}}), True
+
+    def _prompt(self, index: int, scored: list[TokenLogprobs]) -> str | None:
+        prompt = self.prompts[index // self.parsed.n]
+        if index % self.parsed.n == 0:
+            self.prompt_tokens += len(prompt.tokens)
+        self.text_length[index] = len(prompt.text) if self.parsed.echo else 0
+        if not self.parsed.echo:
+            return None
+        logprobs = echo_block(self.tokenizer, prompt, scored) if self.parsed.logprobs is not None else None
+        return self._event(index, prompt.text, None, logprobs)
+
+    def _chunk(self, index: int, chunk: Any) -> str:
+        ended_story = chunk.finish_reason == "stop" and chunk.token_id == self.tokenizer.eot_id
+        logprobs = None
+        if not ended_story:  # as Completion.token_ids: the closing <|endoftext|> is not a token of the text
+            self.completion_tokens += 1
+            if self.parsed.logprobs is not None:
+                logprobs = logprobs_block(self.tokenizer, [chunk.token_id], [chunk.logprobs], [self.text_length[index]])
+        self.text_length[index] += len(chunk.text)
+        return self._event(index, chunk.text, chunk.finish_reason, logprobs)
+
+    def _event(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> str:
+        return _sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
+                     "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}]})
+
+
+async def _chained(first: tuple, rest: AsyncIterator[tuple]) -> AsyncIterator[tuple]:
+    yield first
+    async for event in rest:
+        yield event
 
 
 def _completion_id() -> str:
@@ -468,7 +410,7 @@ def _sse(payload: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# The application
+# The other endpoints and the application
 
 
 def _page_html() -> str:
@@ -484,192 +426,89 @@ _PAGE_HEADERS = {
 }
 
 
+async def index(request: Request) -> Response:
+    return HTMLResponse(request.app.state.page, headers=_PAGE_HEADERS)
+
+
+async def health(request: Request) -> Response:
+    state = request.app.state
+    return JSONResponse({"status": "ok", "model": state.settings.model_name,
+                         "max_tokens_limit": state.settings.max_tokens_limit, "pending": state.worker.pending,
+                         "slots": state.worker.slots})
+
+
+def _model_card(settings: ServerSettings) -> dict[str, Any]:
+    return {"id": settings.model_name, "object": "model", "created": settings.created, "owned_by": "tinystories"}
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_card(request.app.state.settings)]})
+
+
+async def get_model(request: Request) -> Response:
+    settings = request.app.state.settings
+    if request.path_params["model"] != settings.model_name:
+        raise APIError(404, f"the model '{request.path_params['model']}' does not exist", param="model",
+                       code="model_not_found")
+    return JSONResponse(_model_card(settings))
+
+
+async def chat_completions(request: Request) -> Response:
+    raise APIError(404, "chat completions are not offered by this server (a story model has no chat "
+                        "format); use POST /v1/completions", code="unknown_url")
+
+
+async def api_error(request: Request, error: APIError) -> Response:
+    headers = {"Retry-After": "1"} if error.status == 503 else None
+    return error.response(headers)
+
+
+async def http_error(request: Request, error: HTTPException) -> Response:
+    codes = {404: "unknown_url", 405: "method_not_allowed"}
+    message = {404: f"unknown URL: {request.method} {request.url.path}",
+               405: f"method {request.method} is not allowed for {request.url.path}"}.get(error.status_code,
+                                                                                        str(error.detail))
+    return APIError(error.status_code, message, code=codes.get(error.status_code)).response(error.headers)
+
+
+async def server_error(request: Request, error: Exception) -> Response:
+    return APIError(500, "the server failed to handle the request", type="server_error").response()
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    app.state.worker.open()
+    yield
+    await app.state.worker.close()
+
+
+ROUTES = [
+    Route("/", index, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+]
+
+
 def create_app(language_model: LanguageModelLike, model_name: str, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
-               *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_pending: int = DEFAULT_MAX_PENDING) -> Starlette:
-    """The Starlette app serving `language_model` under `model_name` (API and web page)."""
+               *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_pending: int = DEFAULT_MAX_PENDING,
+               slots: int = DEFAULT_SLOTS) -> Starlette:
+    """The Starlette app serving `language_model` under `model_name` (API and web page).
+
+    slots: rows decoded together (1: one request at a time). The model thread starts with the app.
+    """
     if max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit must be a positive integer, got {max_tokens_limit}")
-    worker = ModelWorker(language_model, max_pending=max_pending)
-    created = int(time.time())
-    page = _page_html()
-
-    async def index(request: Request) -> Response:
-        return HTMLResponse(page, headers=_PAGE_HEADERS)
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": model_name, "max_tokens_limit": max_tokens_limit,
-                             "pending": worker.pending})
-
-    def model_card() -> dict[str, Any]:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "tinystories"}
-
-    async def list_models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [model_card()]})
-
-    async def get_model(request: Request) -> Response:
-        if request.path_params["model"] != model_name:
-            raise APIError(404, f"the model '{request.path_params['model']}' does not exist", param="model",
-                           code="model_not_found")
-        return JSONResponse(model_card())
-
-    async def chat_completions(request: Request) -> Response:
-        raise APIError(404, "chat completions are not offered by this server (a story model has no chat "
-                            "format); use POST /v1/completions", code="unknown_url")
-
-    async def completions(request: Request) -> Response:
-        try:
-            body = await read_json_body(request, max_body_bytes)
-        except ClientDisconnect:
-            return Response(status_code=400)  # nobody is left to read it
-        parsed = parse_completion_request(body, model_name, max_tokens_limit)
-        if parsed.stream:
-            return await _stream_completion(request, parsed)
-        worker.admit()
-        gone = threading.Event()
-        watcher = asyncio.create_task(_watch_disconnect(request, gone))
-        try:
-            completions = await worker.generate(parsed.prompts, parsed.n, parsed.sampling, gone)
-        except _Cancelled:
-            return Response(status_code=499)  # the client closed the connection; nobody reads this
-        except UserError as error:
-            raise _invalid(None, str(error)) from None
-        finally:
-            watcher.cancel()
-            worker.release()
-        if len(completions) != parsed.num_choices:
-            raise RuntimeError(f"generate returned {len(completions)} completions for {parsed.num_choices}")
-        choices, completion_tokens, prompt_tokens = [], 0, 0
-        for index, completion in enumerate(completions):
-            prompt = parsed.prompts[index // parsed.n]
-            choices.append({"text": (prompt if parsed.echo else "") + completion.text, "index": index,
-                            "logprobs": None, "finish_reason": completion.finish_reason})
-            completion_tokens += len(completion.token_ids)
-            if index % parsed.n == 0:
-                prompt_tokens += completion.prompt_tokens  # each prompt is counted once, as OpenAI does
-        return JSONResponse({
-            "id": _completion_id(), "object": "text_completion", "created": int(time.time()), "model": model_name,
-            "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        })
-
-    async def _stream_completion(request: Request, parsed: CompletionRequest) -> Response:
-        jobs = []
-        for index in range(parsed.num_choices):
-            sampling = dict(parsed.sampling)
-            if sampling["seed"] is not None:
-                sampling["seed"] = (sampling["seed"] + index % parsed.n) % (MAX_SEED + 1)  # distinct samples
-            jobs.append((index, parsed.prompts[index // parsed.n], sampling))
-        stop = threading.Event()
-        worker.admit()  # released when the events end (or below, if they never start)
-        items = worker.stream(jobs, stop)
-        watcher = asyncio.create_task(_watch_disconnect(request, stop))  # while the request waits its turn
-        head: list[tuple] = []  # items read before any header is sent
-        try:
-            # Wait for the first token before answering, so that a model-side UserError is still a 400.
-            while not head or head[-1][0] == "prompt_tokens":
-                head.append(await items.__anext__())
-            if head[-1][0] == "error":
-                error = head[-1][2]
-                raise _invalid(None, str(error)) if isinstance(error, UserError) else error
-        except StopAsyncIteration:  # the client left before its turn came
-            worker.release()
-            return Response(status_code=499)
-        except BaseException:
-            stop.set()
-            await items.aclose()
-            worker.release()
-            raise
-        finally:
-            watcher.cancel()
-
-        released = False
-
-        async def finish() -> None:
-            """Stop the model thread's work for this request and give back its slot, exactly once."""
-            nonlocal released
-            if not released:
-                released = True
-                stop.set()
-                await items.aclose()
-                worker.release()
-
-        return EventStreamResponse(_events(parsed, head, items, finish), stop, on_close=finish)
-
-    async def _events(parsed: CompletionRequest, head: list[tuple], items: AsyncIterator[tuple],
-                      finish: Callable[[], Awaitable[None]]) -> AsyncIterator[str]:
-        completion_id, created_at = _completion_id(), int(time.time())
-        eot_id = getattr(language_model.tokenizer, "eot_id", None)
-        prompt_tokens, completion_tokens = 0, 0
-
-        def chunk_event(index: int, text: str, finish_reason: str | None) -> str:
-            return _sse({"id": completion_id, "object": "text_completion", "created": created_at, "model": model_name,
-                         "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]})
-
-        async def all_items() -> AsyncIterator[tuple]:
-            for item in head:
-                yield item
-            async for item in items:
-                yield item
-
-        try:
-            async for kind, index, value in all_items():
-                if kind == "prompt_tokens":
-                    if index % parsed.n == 0:
-                        prompt_tokens += value
-                    if parsed.echo:
-                        yield chunk_event(index, parsed.prompts[index // parsed.n], None)
-                elif kind == "chunk":
-                    if not (value.finish_reason == "stop" and value.token_id == eot_id):
-                        completion_tokens += 1  # as Completion.token_ids: the closing <|endoftext|> is not counted
-                    yield chunk_event(index, value.text, value.finish_reason)
-                else:  # an error after the response started: report it in-band, as OpenAI does
-                    if not isinstance(value, UserError):
-                        logger.error("generation failed during a stream", exc_info=value)
-                    message = str(value) if isinstance(value, UserError) else "the model failed while generating"
-                    yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
-                    return
-            if parsed.include_usage:
-                yield _sse({"id": completion_id, "object": "text_completion", "created": created_at,
-                            "model": model_name, "choices": [],
-                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                      "total_tokens": prompt_tokens + completion_tokens}})
-            yield "data: [DONE]\n\n"
-        finally:
-            await finish()
-
-    async def api_error(request: Request, error: APIError) -> Response:
-        headers = {"Retry-After": "1"} if error.status == 503 else None
-        return error.response(headers)
-
-    async def http_error(request: Request, error: HTTPException) -> Response:
-        codes = {404: "unknown_url", 405: "method_not_allowed"}
-        message = {404: f"unknown URL: {request.method} {request.url.path}",
-                   405: f"method {request.method} is not allowed for {request.url.path}"}.get(error.status_code,
-                                                                                            str(error.detail))
-        return APIError(error.status_code, message, code=codes.get(error.status_code)).response(error.headers)
-
-    async def server_error(request: Request, error: Exception) -> Response:
-        return APIError(500, "the server failed to handle the request", type="server_error").response()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        worker.open()
-        yield
-        await worker.close()
-
-    routes = [
-        Route("/", index, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    if slots < 1:
+        raise UserError(f"--max-batch must be a positive integer, got {slots}")
+    app = Starlette(routes=ROUTES, lifespan=_lifespan,
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
-    app.state.worker = worker
-    app.state.model_name = model_name
+    app.state.language_model = language_model
+    app.state.worker = BatchWorker(language_model, slots, max_pending)
+    app.state.settings = ServerSettings(model_name, max_tokens_limit, max_body_bytes, int(time.time()))
+    app.state.page = _page_html()
     return app
 
 
@@ -716,15 +555,22 @@ def _uvicorn_server(app: Starlette, log_level: str, graceful_timeout: float, acc
 
 
 def serve(language_model: LanguageModelLike, model_name: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, log_level: str = "info",
+          max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, slots: int = DEFAULT_SLOTS, log_level: str = "info",
           graceful_timeout: float = 10.0) -> None:
     """Serve until Ctrl+C / SIGTERM, then shut down gracefully.
 
-    On shutdown the server stops accepting connections, lets running requests finish for up to
-    `graceful_timeout` seconds, then cancels the rest (their generation stops at the next token).
+    Before listening, the decode step for `slots` rows is compiled (when the model compiles: it is
+    then reused for every request). On shutdown the server stops accepting connections, lets running
+    requests finish for up to `graceful_timeout` seconds, then cancels the rest (at the next token).
     """
-    app = create_app(language_model, model_name, max_tokens_limit)
+    app = create_app(language_model, model_name, max_tokens_limit, slots=slots)
     sock = bind_socket(host, port)
+    warm_up = getattr(language_model, "warm_up", None)
+    if warm_up is not None:
+        started = time.perf_counter()
+        if warm_up(slots):
+            print(f"tinystories: compiled the decode step for {slots} rows in {time.perf_counter() - started:.0f} s",
+                  flush=True)
     if not _is_loopback(host):
         print(f"warning: listening on {host}, reachable from other machines; the server has no authentication")
     print(f"tinystories: serving '{model_name}' at {_url(sock)}/  (API: {_url(sock)}/v1, Ctrl+C to stop)", flush=True)

@@ -11,6 +11,13 @@ import sys
 import time
 
 from tinystories.cli.common import add_model_arguments, chosen_model
+from tinystories.config import SamplingConfig
+
+DEFAULTS = SamplingConfig()  # the library's sampling defaults, the only place they are written
+
+# Compiling the decode step takes seconds (a minute the first time on a small CPU; inductor caches it
+# on disk) and then saves about half of each step: below this many tokens it costs more than it saves.
+AUTO_COMPILE_TOKENS = 4096
 
 
 def register(subparsers) -> None:
@@ -21,17 +28,25 @@ def register(subparsers) -> None:
                     "An empty prompt starts a story from scratch (from <|endoftext|>).")
     add_model_arguments(parser, default="tiny")
     parser.add_argument("--prompt", default="", help="text to continue (default: empty, a new story)")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
+                        help=f"tokens to generate at most (default {DEFAULTS.max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                        help=f"0 = greedy (default {DEFAULTS.temperature})")
+    parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
+                        help=f"sample among the K most likely tokens (0 = off; default {DEFAULTS.top_k})")
+    parser.add_argument("--top-p", type=float, default=DEFAULTS.top_p,
+                        help=f"nucleus sampling mass in (0, 1] (1 = off; default {DEFAULTS.top_p})")
+    parser.add_argument("--repetition-penalty", type=float, default=DEFAULTS.repetition_penalty,
+                        help=f"CTRL-style penalty (1 = off; default {DEFAULTS.repetition_penalty})")
     parser.add_argument("--num-samples", type=int, default=1, help="stories to generate (in one batch)")
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
                         help="stop when this text appears; it is cut off (repeatable)")
     parser.add_argument("--no-cache", dest="use_cache", action="store_false",
                         help="recompute the whole context each step (slow; for checking the KV cache)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the decode step (default: only for at least "
+                             f"{AUTO_COMPILE_TOKENS} tokens in all, num-samples x max-new-tokens)")
     parser.add_argument("--quantize", choices=["int8"], help="dynamic int8 linear layers (CPU)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     parser.set_defaults(func=run)
@@ -39,15 +54,18 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tinystories.errors import UserError
-    from tinystories.generate import SamplingConfig, load_model
+    from tinystories.generate import load_model
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                               stop=tuple(args.stop))
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    compile_step = args.compile
+    if compile_step is None:
+        compile_step = args.num_samples * args.max_new_tokens >= AUTO_COMPILE_TOKENS
     lm = load_model(chosen_model(args, default="tiny"), checkpoint=args.checkpoint, device=args.device,
-                    quantize=args.quantize)
+                    quantize=args.quantize, compile=None if compile_step else False)
     options = vars(sampling)
     out = sys.stdout
     started = time.perf_counter()

@@ -9,15 +9,16 @@ from tinystories.cli.common import add_model_arguments, chosen_model
 from tinystories.errors import UserError
 
 DEFAULT_MAX_TOKENS_LIMIT = 1024  # the same as tinystories.serve's; repeated so `--help` imports no server code
+DEFAULT_MAX_BATCH = 16  # tinystories.serve.DEFAULT_SLOTS, likewise
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API with a web page",
-        description="Serve a model: POST /v1/completions (OpenAI-compatible, streaming with SSE), "
-                    "GET /v1/models, GET /health, and a web page at /. Listens on 127.0.0.1 only "
-                    "unless --host says otherwise.",
+        description="Serve a model: POST /v1/completions (OpenAI-compatible, streaming with SSE, logprobs), "
+                    "GET /v1/models, GET /health, and a web page at /. Concurrent requests are decoded "
+                    "together (continuous batching). Listens on 127.0.0.1 only unless --host says otherwise.",
     )
     add_model_arguments(parser, default="tiny")  # the API reports --model's value, else the run's name
     parser.add_argument("--host", default="127.0.0.1",
@@ -25,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     parser.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, metavar="N",
                         help=f"largest max_tokens a request may ask for (default: {DEFAULT_MAX_TOKENS_LIMIT})")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                        help=f"request choices decoded together (default: {DEFAULT_MAX_BATCH}); 1 serves one at a time")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile the decode step before serving (default: yes; seconds, cached on disk)")
     parser.add_argument("--device", default="cpu", help="torch device for the model: cpu, cuda, mps (default: cpu)")
     parser.set_defaults(func=run)
 
@@ -44,6 +49,8 @@ def served_name(run_path: str | None, model: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit must be a positive integer, got {args.max_tokens_limit}")
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch must be a positive integer, got {args.max_batch}")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     try:
@@ -53,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                         "pip install 'tinystories[serve]'") from None
     from tinystories.generate import load_model
 
-    language_model = load_model(chosen_model(args, default="tiny"), checkpoint=args.checkpoint, device=args.device)
+    language_model = load_model(chosen_model(args, default="tiny"), checkpoint=args.checkpoint, device=args.device,
+                                compile=None if args.compile else False)
     serve(language_model, served_name(args.run, args.model), host=args.host, port=args.port,
-          max_tokens_limit=args.max_tokens_limit)
+          max_tokens_limit=args.max_tokens_limit, slots=args.max_batch)
     return 0

@@ -1,0 +1,239 @@
+"""The server's model thread: continuous batching of every request's choices over one decode engine.
+
+Each choice of a request is a `Job`. The worker thread owns a `DecodeEngine` with `slots` slots and
+runs rounds: take new jobs (a job joins at the next round, prefilled into a free slot), drop the jobs
+whose client went away (their slot is free at once), sample one token for every running job, hand
+each its `Chunk` (through the same `Continuation` stop rules as `generate`), and feed the tokens of
+the jobs still running to one batched decode step. Jobs beyond the free slots wait in arrival order.
+With `slots=1` requests are served one at a time (the mode benchmarks/serve_load.py compares with).
+
+A job with no sampling options (max_tokens 0) only scores its prompt: one forward pass, no slot.
+Every job ends with exactly one ('end', index, Completion) or ('error', index, exception) event;
+before that come ('prompt', index, [TokenLogprobs...]) once and ('chunk', index, Chunk) per token.
+Only this thread touches the model, so its tensors are never shared between threads; torch's own
+thread pool keeps the cores busy, and the event loop stays free to accept connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Protocol
+
+from tinystories.config import SamplingConfig
+from tinystories.decoding import TokenLogprobs
+from tinystories.errors import UserError
+from tinystories.generate import Continuation
+from tinystories.serve_schema import APIError
+
+logger = logging.getLogger("tinystories.serve")
+
+Event = tuple[str, int, Any]  # (kind, choice index, value)
+
+
+class EngineLike(Protocol):
+    """What the worker needs from `tinystories.decoding.DecodeEngine`."""
+
+    def active(self) -> list[int]: ...
+    def free_slot(self) -> int | None: ...
+    def start(self, slot: int, tokens: list[int], config: SamplingConfig, seed: int | None = None,
+              exclude_from_penalty: int | None = None, prompt_logprobs: int | None = None) -> list: ...
+    def sample(self, logprobs: int | None = None) -> dict[int, tuple[int, TokenLogprobs | None]]: ...
+    def advance(self, fed: dict[int, int]) -> None: ...
+    def release(self, slot: int) -> None: ...
+
+
+class LanguageModelLike(Protocol):
+    """What the server needs from `tinystories.generate.LanguageModel`."""
+
+    tokenizer: Any
+    context_length: int
+
+    def new_engine(self, slots: int) -> EngineLike: ...
+    def score(self, tokens: list[int], top: int = 0) -> list[TokenLogprobs]: ...
+
+
+@dataclass
+class Job:
+    """One choice of a request: the tokens the model reads and how to continue them.
+
+    sampling None: score the prompt only. logprobs: alternatives to report per generated token (None:
+    no log-probs); prompt_logprobs: the same for the prompt's tokens (echo), None for none.
+    """
+
+    index: int
+    tokens: list[int]
+    sampling: SamplingConfig | None
+    seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    emit: Callable[[Event], None] = print
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def _trim(details: TokenLogprobs | None, top: int | None) -> TokenLogprobs | None:
+    if details is None or top is None:
+        return None
+    return TokenLogprobs(details.logprob, details.top[:top])
+
+
+class BatchWorker:
+    """The model thread (see the module docstring). `pending` counts requests queued or running;
+    past `max_pending` new requests are refused (503) instead of queueing without bound."""
+
+    def __init__(self, language_model: LanguageModelLike, slots: int, max_pending: int) -> None:
+        self.language_model, self.slots, self.max_pending = language_model, slots, max_pending
+        self.pending = 0  # touched on the event loop only (admit / release)
+        self.closing = threading.Event()
+        self._incoming: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._waiting: deque[Job] = deque()
+        self._running: dict[int, tuple[Job, Continuation]] = {}
+
+    def open(self) -> None:
+        self.closing.clear()
+        self._thread = threading.Thread(target=self._run, name="tinystories-model", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Stop at the next round: running and queued jobs end with an error event. The wait happens
+        off the event loop, which must keep running so that cancelled requests can clean up."""
+        self.closing.set()
+        self._incoming.put(None)  # wakes a worker waiting for work
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def admit(self) -> None:
+        """Count one more request as pending, or refuse it (503) if the queue is full."""
+        if self.pending >= self.max_pending:
+            raise APIError(503, f"the server is busy ({self.pending} requests pending); retry shortly",
+                           type="server_error", code="server_busy")
+        self.pending += 1
+
+    def release(self) -> None:
+        self.pending -= 1
+
+    def submit(self, job: Job) -> None:
+        self._incoming.put(job)
+
+    # --- the model thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.language_model.new_engine(self.slots)
+        while not self.closing.is_set():
+            self._collect(block=not self._running and not self._waiting)
+            self._drop_cancelled(engine)
+            self._fill_slots(engine)
+            if self._running:
+                self._round(engine)
+        for job in list(self._waiting) + [job for job, _ in self._running.values()]:
+            job.emit(("error", job.index, UserError("the server is shutting down")))
+
+    def _collect(self, block: bool) -> None:
+        """Move newly submitted jobs to the waiting line (waiting for one when there is nothing to do)."""
+        with contextlib.suppress(queue.Empty):
+            job = self._incoming.get(block=block)
+            while True:
+                if job is not None:
+                    self._waiting.append(job)
+                job = self._incoming.get_nowait()
+
+    def _drop_cancelled(self, engine: EngineLike) -> None:
+        """A job whose client went away frees its slot now; a waiting one never starts."""
+        for slot, (job, _) in list(self._running.items()):
+            if job.cancelled.is_set():
+                engine.release(slot)
+                del self._running[slot]
+                job.emit(("error", job.index, UserError("cancelled")))
+        for job in [job for job in self._waiting if job.cancelled.is_set()]:
+            self._waiting.remove(job)
+            job.emit(("error", job.index, UserError("cancelled")))
+
+    def _fill_slots(self, engine: EngineLike) -> None:
+        while self._waiting and not self.closing.is_set():
+            job = self._waiting[0]
+            slot = None if job.sampling is None else engine.free_slot()
+            if job.sampling is not None and slot is None:
+                return  # every slot is busy: the job waits for the next round
+            self._waiting.popleft()
+            try:
+                self._start(engine, job, slot)
+            except Exception as error:  # a refused prompt (UserError) or a bug: this job alone fails
+                if slot is not None and slot in engine.active():
+                    engine.release(slot)
+                self._fail(job, error)
+
+    def _start(self, engine: EngineLike, job: Job, slot: int | None) -> None:
+        tokenizer = self.language_model.tokenizer
+        if job.sampling is None:  # score only: no slot, no generation
+            scored = self.language_model.score(job.tokens, job.prompt_logprobs or 0)
+            job.emit(("prompt", job.index, scored if job.prompt_logprobs is not None else []))
+            job.emit(("end", job.index, Continuation(tokenizer, SamplingConfig(), len(job.tokens)).completion()))
+            return
+        prompt = engine.start(slot, job.tokens, job.sampling, job.seed, exclude_from_penalty=tokenizer.eot_id,
+                              prompt_logprobs=job.prompt_logprobs)
+        job.emit(("prompt", job.index, prompt))
+        self._running[slot] = (job, Continuation(tokenizer, job.sampling, len(job.tokens)))
+
+    def _round(self, engine: EngineLike) -> None:
+        """One token for every running job, then one decode step for those that go on."""
+        wanted = [job.logprobs for job, _ in self._running.values() if job.logprobs is not None]
+        try:
+            sampled = engine.sample(max(wanted) if wanted else None)
+            fed = {}
+            for slot, (token, details) in sampled.items():
+                job, continuation = self._running[slot]
+                job.emit(("chunk", job.index, continuation.push(token, _trim(details, job.logprobs))))
+                if continuation.finished:
+                    job.emit(("end", job.index, continuation.completion()))
+                    engine.release(slot)
+                    del self._running[slot]
+                else:
+                    fed[slot] = token
+            if fed:
+                engine.advance(fed)
+        except Exception as error:  # a bug in decoding: every running job fails, the server goes on
+            for slot, (job, _) in list(self._running.items()):
+                engine.release(slot)
+                self._fail(job, error)
+            self._running.clear()
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        if not isinstance(error, UserError):
+            logger.error("generation failed", exc_info=error)
+        job.emit(("error", job.index, error))
+
+
+class RequestJobs:
+    """The jobs of one request, submitted to the worker, and the events they send back to the event
+    loop. `cancel()` (the client went away) frees their slots at the worker's next round."""
+
+    def __init__(self, worker: BatchWorker, jobs: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.remaining = len(jobs)
+
+        def put(event: Event) -> None:  # called on the model thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+        for job in jobs:
+            job.emit, job.cancelled = put, self.cancelled
+            worker.submit(job)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Every event until each job has ended ('end' or 'error')."""
+        while self.remaining:
+            event = await self._events.get()
+            if event[0] in ("end", "error"):
+                self.remaining -= 1
+            yield event
