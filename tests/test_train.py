@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -355,14 +356,32 @@ SMALL_PRESETS = ["tiny", "seed000", "seed004"]
                                   for n in ["tiny", "small", "medium", "seed000", "seed001", "seed002", "seed003",
                                             "seed004"]])
 def test_every_preset_trains_a_step(name, prepared_small, tmp_path):
-    run = apply_overrides(RunConfig.from_preset(name), [
-        "context_length=32", "batch_size=2", "grad_accum=1", "max_steps=2", "eval_every=2", "eval_tokens=32",
-        "sample_tokens=4", "compile=false", "device=cpu", "warmup_steps=1"])
-    run, _ = adapt_to_data(run, prepared_small)  # the shards' 512-token vocabulary replaces 4K/32K/GPT-2
+    shorter = ["context_length=32", "batch_size=2", "grad_accum=1", "max_steps=2", "eval_every=2", "eval_tokens=32",
+               "sample_tokens=4", "compile=false", "device=cpu", "warmup_steps=1"]
+    if RunConfig.from_preset(name).model.sliding_window is not None:
+        shorter.append("sliding_window=16")  # shorter than the 32-token context, so the window is exercised
+    run, _ = adapt_to_data(apply_overrides(RunConfig.from_preset(name), shorter), prepared_small)  # 512-token vocab
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # seed002's adamw8bit falls back to AdamW without bitsandbytes
         summary = train(run, tmp_path / name, progress=False)
     assert summary["steps"] == 2 and math.isfinite(summary["best_val_loss"])
+    if run.model.sliding_window is not None:
+        assert_the_window_limits_attention(tmp_path / name)
+
+
+def assert_the_window_limits_attention(run_dir: Path) -> None:
+    """The trained model's first 16 positions match full attention; later ones see less, so they differ."""
+    from tinystories.checkpoint import load_run
+
+    windowed, _, config = load_run(run_dir, "last")
+    full = GPT(dataclasses.replace(config.model, sliding_window=None))
+    full.load_state_dict(windowed.state_dict())
+    full.eval()
+    idx = torch.randint(0, config.model.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        local, everything = windowed(idx)[0], full(idx)[0]
+    torch.testing.assert_close(local[:, :16], everything[:, :16])
+    assert not torch.allclose(local[:, 16:], everything[:, 16:])
 
 
 # --- real processes: signals, kill -9, atomic saves ----------------------------------------------
