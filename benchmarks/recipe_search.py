@@ -52,6 +52,9 @@ CANDIDATES: dict[str, list[str]] = {
     "wd1": ["weight_decay=1.0"],
     "embwd0.1": ["embedding_weight_decay=0.1"],
     "dropout0.1": ["dropout=0.1"],
+    "batch8": ["batch_size=8"],  # the same tokens in twice the updates
+    "minlr0": ["min_lr_ratio=0.0"],
+    "muonlr0.03": ["muon_lr=0.03"],
 }
 
 

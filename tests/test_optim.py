@@ -196,9 +196,11 @@ def test_ema_step_by_hand_and_applied_then_restored():
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 2.0]]))
     ema = WeightEMA(layer, decay=0.9)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(8) == pytest.approx(0.5)  # (1 + t) / (10 + t)
+    assert ema.decay_at(80) == pytest.approx(0.9) and ema.decay_at(10_000) == pytest.approx(0.9)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[3.0, 0.0]]))
-    ema.update()  # 0.9 * (1, 2) + 0.1 * (3, 0) = (1.2, 1.8)
+    ema.update(step=100)  # d = 0.9: 0.9 * (1, 2) + 0.1 * (3, 0) = (1.2, 1.8)
     torch.testing.assert_close(ema.weights()["weight"], torch.tensor([[1.2, 1.8]]))
     with ema.applied():
         torch.testing.assert_close(layer.weight.detach(), torch.tensor([[1.2, 1.8]]))
@@ -213,7 +215,7 @@ def test_ema_covers_tied_weights_once_and_reloads():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    other.update()
+    other.update(step=0)
     ema.load_weights(other.weights())
     for name, tensor in ema.weights().items():
         torch.testing.assert_close(tensor, other.weights()[name])

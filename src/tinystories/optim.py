@@ -260,11 +260,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
 class WeightEMA:
     """An exponential moving average of a model's parameters, updated after every optimizer step:
 
-        average <- decay * average + (1 - decay) * weights
+        average <- d * average + (1 - d) * weights,   d = min(decay, (1 + step) / (10 + step))
 
-    Small models trained for many passes over small data forget and re-fit the same stories; the
-    average smooths that out. It is what `applied()` evaluates and what a checkpoint ships beside
-    the raw weights (checkpoint.EMA_FILE).
+    The warm-up of d keeps the first steps' random weights from lingering in the average (with a
+    fixed 0.999 they would still weigh e^-1 after 1,000 steps). Small models trained for many passes
+    over small data forget and re-fit the same stories; the average smooths that out. It is what
+    `applied()` evaluates and what a checkpoint ships beside the raw weights (checkpoint.EMA_FILE).
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -275,9 +276,13 @@ class WeightEMA:
         self.parameters = [p for _, p in model.named_parameters()]
         self.average = [p.detach().clone() for p in self.parameters]
 
+    def decay_at(self, step: int) -> float:
+        """The decay of the update after optimizer step `step` (0-based)."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.parameters], 1.0 - self.decay)
+    def update(self, step: int) -> None:
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.parameters], 1.0 - self.decay_at(step))
 
     def weights(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.average))

@@ -158,7 +158,7 @@ def train_step(run: Run) -> None:
     run.optimizer.step()
     run.optimizer.zero_grad()
     if run.ema is not None:
-        run.ema.update()
+        run.ema.update(run.loop.step)
     run.loop.step += 1
     run.loop.tokens += real_tokens
     run.pending.add(run.loop.step, run.lr, loss, norm)
