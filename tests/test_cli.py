@@ -33,7 +33,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, small_story_files) -> dict[str, Path]:
+def paths(tmp_path_factory, small_story_files, prepared_small) -> dict[str, Path]:
     """Good and bad paths to hand the commands (made once; the tests never write inside them)."""
     root = tmp_path_factory.mktemp("cli-paths")
     run, _ = make_run(root / "run", llama_config(vocab_size=320, context_length=32))
@@ -41,7 +41,8 @@ def paths(tmp_path_factory, small_story_files) -> dict[str, Path]:
              "missing": root / "missing", "missing_file": root / "missing.txt", "empty_dir": root / "empty",
              "file": root / "notes.txt", "empty_file": root / "empty.txt", "under_file": root / "notes.txt" / "x",
              "full_dir": root / "full", "bad_config": root / "bad-config", "config_dir": root / "config-dir",
-             "truncated": root / "truncated", "out": root / "new-out", "png": root / "new.png"}
+             "truncated": root / "truncated", "out": root / "new-out", "png": root / "new.png",
+             "shards": prepared_small}
     named["empty_dir"].mkdir()
     named["file"].write_text("not a model, not a folder\n")
     named["empty_file"].write_bytes(b"")
@@ -197,6 +198,15 @@ BAD_PATHS = [
     ("train --data missing", ["train", "--data", "{missing}", "--out", "{tmp}/r"], "{missing}"),
     ("train --data file", ["train", "--data", "{file}", "--out", "{tmp}/r"], "{file}"),
     ("train --data empty", ["train", "--data", "{empty_dir}", "--out", "{tmp}/r"], "{empty_dir}"),
+    # with shards whose tokenizer differs from the preset's, so the notes about it would come first
+    ("train --out file", ["train", "--data", "{shards}", "--out", "{file}"], "{file}"),
+    ("train --out under file", ["train", "--data", "{shards}", "--out", "{under_file}"], "{under_file}"),
+    ("train --init-from missing", ["train", "--data", "{shards}", "--out", "{tmp}/r", "--init-from", "{missing}"],
+     "{missing}"),
+    ("train --init-from empty", ["train", "--data", "{shards}", "--out", "{tmp}/r", "--init-from", "{empty_dir}"],
+     "{empty_dir}"),
+    ("demo --input missing", ["demo", "--input", "{missing_file}", "--out", "{tmp}/demo"], "{missing_file}"),
+    ("demo --out file", ["demo", "--input", "{stories}", "--out", "{file}"], "{file}"),
 ]
 
 

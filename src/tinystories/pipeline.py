@@ -68,11 +68,14 @@ def run_demo(options: DemoOptions, stdout: TextIO = sys.stdout, stderr: TextIO =
 
 def prepare_demo_data(options: DemoOptions, out: Path, tokenizer_spec: str, stderr: TextIO) -> Path:
     """Stage 1, stories -> shards in OUT/data-<tokenizer>; returns that folder."""
-    from tinystories.data import default_inputs, describe_inputs, prepare
+    from tinystories.data import default_inputs, describe_inputs, find_story_files, prepare
+    from tinystories.files import check_output_path
 
+    check_output_path(out, "--out", folder=True)  # bad paths fail in one line, before any stage starts
     inputs, val_inputs = options.inputs, options.val_inputs
     if not inputs:
         inputs, val_inputs = default_inputs(options.data_source)
+    find_story_files(list(inputs) + list(val_inputs or []))
     data_dir = out / f"data-{tokenizer_spec.replace(':', '')}"
     source = describe_inputs([Path(p) for p in inputs], [Path(p) for p in val_inputs or []])
     print(f"[1/4] preparing {tokenizer_spec} shards in {data_dir} from {source}", file=stderr)

@@ -56,12 +56,16 @@ def register(subparsers) -> None:
 def build_run_config(args: argparse.Namespace):
     """The RunConfig for this invocation and notes to print: a resumed run's config.json or a preset,
     then --set overrides, then explicit flags; a new run adapts to its data's tokenizer."""
-    from tinystories.checkpoint import load_run_config
-    from tinystories.config import ConfigError, RunConfig, apply_overrides
     from tinystories.batching import adapt_to_data
+    from tinystories.checkpoint import load_run_config, resolve_checkpoint
+    from tinystories.config import ConfigError, RunConfig, apply_overrides
+    from tinystories.files import check_output_path
     from tinystories.train import TrainingError
 
     out = Path(args.out)
+    check_output_path(out, "--out", folder=True)  # bad paths fail before anything is said or read
+    if args.init_from is not None:
+        resolve_checkpoint(args.init_from, "best")
     notes: list[str] = []
     resuming = (out / "config.json").is_file()
     if resuming:
