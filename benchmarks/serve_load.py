@@ -1,48 +1,46 @@
-"""Load test of `tinystories serve` on loopback: latency percentiles, tokens/s and errors (must be 0).
+"""Load test of `tinystories serve` on loopback: the batching server against the one-at-a-time server.
 
-    python benchmarks/serve_load.py [--run RUN] [--requests 200] [--concurrency 16] [--max-tokens 32]
+    python benchmarks/serve_load.py [--run RUN] [--requests 64] [--concurrency 16] [--max-tokens 32] [--rounds 3]
 
-The script starts the server itself (`python -m tinystories serve RUN --port P`, a subprocess on
-127.0.0.1 with a free port), waits for /health, sends a fixed number of completions with bounded
-concurrency (every other one streamed), then stops the server with SIGTERM (a graceful shutdown,
-which must exit 0). Without --run it builds a run directory with the `tiny` preset's architecture
-and random weights (a bpe:4096 tokenizer trained on a slice of $TINYSTORIES_DATA/valid.txt.gz, or the
-bytes tokenizer when the data is missing): the server's cost does not depend on what the weights say.
-As a baseline the same requests' model work is timed in-process, one `generate` call at a time.
-The markdown table is printed and appended to benchmarks/RESULTS.md with date, machine and command.
+Two servers start as subprocesses on 127.0.0.1 (free ports): `tinystories serve RUN --max-batch 16`
+(continuous batching: every running request a row of one decode step) and the same with
+`--max-batch 1` (one request at a time). Each compiles its decode step before it answers /health.
+Then, in each of `--rounds` rounds, the same `--requests` completions (half streamed, seeded,
+temperature 0.8, top-k 40) go to one server and then the other with `--concurrency` clients; the two
+take turns so that a busy machine slows both alike, and each server's best round counts. Both are
+stopped with SIGTERM at the end (a graceful shutdown must exit cleanly). Without --run a run
+directory with the `tiny` preset's architecture and random weights is built (bpe:4096 trained on a
+slice of the validation text, or the bytes tokenizer when that is missing): the server's cost does
+not depend on what the weights say. The table is printed and appended to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-
-
-import argparse
-import asyncio
-import datetime
-import itertools
-import json
-import platform
-import shlex
-import signal
-import socket
-import subprocess
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import httpx
-import torch
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
-sys.path.insert(0, str(REPO_ROOT / "src"))
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE] + [str(HERE)]
+sys.path.insert(0, str(REPO_ROOT / "src"))  # run from a checkout without `pip install -e .`
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from common import append_results, markdown_table  # noqa: E402
 
 from tinystories.checkpoint import save_checkpoint  # noqa: E402
 from tinystories.config import RunConfig  # noqa: E402
-from tinystories.generate import load_model  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
 from tinystories.tokenizer import make_tokenizer  # noqa: E402
 
@@ -54,22 +52,11 @@ PROMPTS = [
     "Mia wanted to bake a cake for her mom.",
     "A small cat found a shiny key under the bed.",
 ]
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{os.cpu_count()} cores ({usable} usable), {model}; torch {torch.__version__}, Python {platform.python_version()}"
+MODES = {"batched (--max-batch 16)": 16, "one at a time (--max-batch 1)": 1}
 
 
 def build_random_run(directory: Path) -> tuple[Path, str]:
-    """A run dir with the `tiny` preset's architecture and random weights. Returns (dir, tokenizer note)."""
+    """A run dir with the `tiny` preset's architecture and random weights. Returns (dir, tokenizer spec)."""
     run_config = RunConfig.from_preset("tiny")
     valid = Path(os.environ.get("TINYSTORIES_DATA", REPO_ROOT.parent / "shared" / "data" / "tinystories")) / "valid.txt.gz"
     if valid.exists():
@@ -100,32 +87,34 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+async def streamed_request(client: httpx.AsyncClient, body: dict, result: dict, started: float) -> None:
+    body["stream_options"] = {"include_usage": True}
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            result["error"] = f"HTTP {response.status_code}"
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                result["ok"] = True
+                continue
+            event = json.loads(data)
+            if event.get("choices") and result["first"] is None:
+                result["first"] = time.perf_counter() - started
+            if event.get("usage"):
+                result["tokens"] = event["usage"]["completion_tokens"]
+
+
 async def one_request(client: httpx.AsyncClient, index: int, max_tokens: int) -> dict:
     body = {"prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8, "top_k": 40,
             "seed": index, "stream": index % 2 == 1}
     started = time.perf_counter()
-    result = {"stream": body["stream"], "ok": False, "tokens": 0, "first": None}
+    result = {"ok": False, "tokens": 0, "first": None}
     try:
         if body["stream"]:
-            body["stream_options"] = {"include_usage": True}
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code != 200:
-                    result["error"] = f"HTTP {response.status_code}"
-                    return result
-                done = False
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[len("data: "):]
-                    if data == "[DONE]":
-                        done = True
-                        continue
-                    event = json.loads(data)
-                    if event.get("choices") and result["first"] is None:
-                        result["first"] = time.perf_counter() - started
-                    if event.get("usage"):
-                        result["tokens"] = event["usage"]["completion_tokens"]
-                result["ok"] = done
+            await streamed_request(client, body, result, started)
         else:
             response = await client.post("/v1/completions", json=body)
             result["ok"] = response.status_code == 200
@@ -140,9 +129,10 @@ async def one_request(client: httpx.AsyncClient, index: int, max_tokens: int) ->
 
 
 async def run_load(url: str, requests: int, concurrency: int, max_tokens: int) -> tuple[list[dict], float]:
+    """`requests` completions with at most `concurrency` in flight; the results and the wall time."""
     semaphore = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         async def bounded(index: int) -> dict:
             async with semaphore:
                 return await one_request(client, index, max_tokens)
@@ -152,120 +142,119 @@ async def run_load(url: str, requests: int, concurrency: int, max_tokens: int) -
         return list(results), time.perf_counter() - started
 
 
-def wait_for_health(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def start_server(run: Path, slots: int, max_tokens: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "tinystories", "serve", str(run), "--port", str(port),
+               "--max-tokens-limit", str(max(max_tokens, 64)), "--max-batch", str(slots)]
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"))
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_for_health(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 900) -> None:
+    """Until /health answers (the server compiles its decode step first: a minute or more when cold)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited early with code {process.returncode}")
+            raise SystemExit(f"the server exited early with code {process.returncode}:\n{log_path.read_text()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.5)
     raise SystemExit(f"the server at {url} did not become healthy within {timeout} s")
 
 
-def baseline_tokens_per_second(run: Path, max_tokens: int, count: int = 12, rounds: int = 3) -> tuple[float, float]:
-    """The model alone: the same kind of requests, one generate call at a time, in this process.
+def stop_server(process: subprocess.Popen, log_path: Path) -> bool:
+    """SIGTERM and wait; True when the shutdown was graceful."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        exit_code = process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return False
+    # uvicorn drains connections, runs the app's shutdown, then re-raises the signal: exit -SIGTERM.
+    return exit_code in (0, -signal.SIGTERM) and "Application shutdown complete" in log_path.read_text()
 
-    Best of `rounds` after a warm-up call: on shared cores single rounds vary several-fold.
-    """
-    language_model = load_model(run)
 
-    def best_rate() -> float:
-        language_model.generate(PROMPTS[0], max_new_tokens=max_tokens)  # warm-up
-        best = 0.0
-        for _ in range(rounds):
-            tokens, started = 0, time.perf_counter()
-            for index in range(count):
-                (completion,) = language_model.generate(PROMPTS[index % len(PROMPTS)], max_new_tokens=max_tokens,
-                                                        temperature=0.8, top_k=40, seed=index)
-                tokens += len(completion.token_ids)
-            best = max(best, tokens / (time.perf_counter() - started))
-        return best
+def summarize(rounds: list[tuple[list[dict], float]]) -> dict:
+    """The best round (most tokens/s) of one server, with its latencies and every round's errors."""
+    def rate(round_: tuple[list[dict], float]) -> float:
+        return sum(r["tokens"] for r in round_[0]) / round_[1]
 
-    # On a worker thread, as the server runs the model, and on the main thread, as a script would.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        on_worker_thread = pool.submit(best_rate).result()
-    return on_worker_thread, best_rate()
+    results, wall = max(rounds, key=rate)
+    ok = [r for r in results if r["ok"]]
+    firsts = [r["first"] for r in ok if r["first"] is not None]
+    errors = [r for round_ in rounds for r in round_[0] if not r["ok"]]
+    return {"tokens_per_second": rate((results, wall)), "requests_per_second": len(ok) / wall,
+            "p50": percentile([r["latency"] for r in ok], 50) if ok else float("nan"),
+            "p99": percentile([r["latency"] for r in ok], 99) if ok else float("nan"),
+            "first_p50": percentile(firsts, 50) if firsts else float("nan"), "errors": errors}
+
+
+def measure(run: Path, args: argparse.Namespace, scratch: Path) -> tuple[dict[str, dict], dict[str, bool]]:
+    servers = {}
+    try:
+        for name, slots in MODES.items():
+            log_path = scratch / f"server-{slots}.log"
+            process, url = start_server(run, slots, args.max_tokens, log_path)
+            servers[name] = (process, url, log_path)
+            wait_for_health(url, process, log_path)
+        rounds: dict[str, list] = {name: [] for name in MODES}
+        for _ in range(args.rounds):
+            for name, (_, url, _) in servers.items():  # taking turns: the machine's load falls on both
+                rounds[name].append(asyncio.run(run_load(url, args.requests, args.concurrency, args.max_tokens)))
+    finally:
+        graceful = {name: stop_server(process, log_path) for name, (process, _, log_path) in servers.items()}
+    return {name: summarize(values) for name, values in rounds.items()}, graceful
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a trained run directory (default: random weights, tiny preset)")
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=64, help="requests per round and server (default 64)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per server, taking turns; the best counts")
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
-    if not (1 <= args.requests <= 5000 and 1 <= args.concurrency <= 256 and 1 <= args.max_tokens <= 1024):
-        parser.error("keep the load bounded: 1..5000 requests, 1..256 concurrent, 1..1024 max tokens")
-
+    if not (1 <= args.requests <= 2000 and 1 <= args.concurrency <= 256 and 1 <= args.max_tokens <= 1024
+            and 1 <= args.rounds <= 10):
+        parser.error("keep the load bounded: 1..2000 requests, 1..256 concurrent, 1..1024 max tokens, 1..10 rounds")
     with tempfile.TemporaryDirectory(prefix="serve-load-") as scratch:
         if args.run:
             run, model_note = args.run, f"run {args.run}"
         else:
             run, spec = build_random_run(Path(scratch) / "random-tiny")
             model_note = f"`tiny` preset architecture, random weights, {spec} tokenizer"
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-m", "tinystories", "serve", str(run), "--port", str(port),
-                   "--max-tokens-limit", str(max(args.max_tokens, 64))]
-        environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "src"))
-        log_path = Path(scratch) / "server.log"
-        with open(log_path, "w") as log:
-            server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-            try:
-                wait_for_health(url, server)
-                results, wall = asyncio.run(run_load(url, args.requests, args.concurrency, args.max_tokens))
-            finally:
-                server.send_signal(signal.SIGTERM)  # graceful shutdown
-                try:
-                    exit_code = server.wait(30)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                    exit_code = "killed after 30 s"
-        baseline = baseline_tokens_per_second(run, args.max_tokens)
-        server_log = log_path.read_text()
-
-    # uvicorn drains connections, runs the app's shutdown, then re-raises the signal: exit -SIGTERM.
-    graceful = exit_code in (0, -signal.SIGTERM) and "Application shutdown complete" in server_log
-    errors = [r for r in results if not r["ok"]]
-    latencies = [r["latency"] for r in results if r["ok"]]
-    firsts = [r["first"] for r in results if r["ok"] and r["first"] is not None]
-    tokens = sum(r["tokens"] for r in results)
-    if not latencies:
-        print(server_log[-3000:], file=sys.stderr)
-        raise SystemExit(f"every request failed, e.g. {errors[0].get('error')}")
-    rows = [
-        ("requests (half streamed) / concurrency / max_tokens", f"{args.requests} / {args.concurrency} / {args.max_tokens}"),
-        ("errors", f"{len(errors)}"),
-        ("wall time", f"{wall:.2f} s"),
-        ("throughput", f"{len(latencies) / wall:.1f} requests/s"),
-        ("completion tokens/s (all clients)", f"{tokens / wall:.0f}"),
-        ("latency p50 / p99", f"{percentile(latencies, 50) * 1000:.0f} / {percentile(latencies, 99) * 1000:.0f} ms"),
-        ("streamed: first token p50 / p99", f"{percentile(firsts, 50) * 1000:.0f} / {percentile(firsts, 99) * 1000:.0f} ms"
-         if firsts else "n/a"),
-        ("baseline: model alone, one generate at a time, on a worker thread / the main thread (best of 3)",
-         f"{baseline[0]:.0f} / {baseline[1]:.0f} tokens/s"),
-        ("SIGTERM: graceful shutdown", "yes" if graceful else f"no (exit {exit_code})"),
-    ]
-    table = "| measurement | result |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    invocation = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *sys.argv[1:]])
-    section = (f"\n## Serving load (benchmarks/serve_load.py), {when}\n\n"
-               f"Machine: {machine()}. Command: `{invocation}`\n\n"
-               f"Model: {model_note}. Server: `tinystories serve` on 127.0.0.1 (one model thread, requests "
-               f"queued); client: httpx in a second process on the same cores.\n\n{table}\n")
-    print(section)
+        results, graceful = measure(run, args, Path(scratch))
+    body = report(results, graceful, args, model_note)
+    print(body)
+    errors = sum(len(r["errors"]) for r in results.values())
     if errors:
-        print(f"{len(errors)} requests failed, e.g. {errors[0].get('error')}", file=sys.stderr)
-        print(server_log[-3000:], file=sys.stderr)
+        print(f"{errors} requests failed, e.g. {next(r for v in results.values() for r in v['errors']).get('error')}",
+              file=sys.stderr)
         return 1
-    with open(args.results, "a") as results_file:
-        results_file.write(section)
-    return 0 if graceful else 1
+    if not args.no_append:
+        append_results("Serving load: batched vs one at a time (benchmarks/serve_load.py)", body)
+    return 0 if all(graceful.values()) else 1
+
+
+def report(results: dict[str, dict], graceful: dict[str, bool], args: argparse.Namespace, model_note: str) -> str:
+    rows = [[name, f"{r['tokens_per_second']:,.0f}", f"{r['requests_per_second']:.1f}", f"{r['p50'] * 1000:,.0f}",
+             f"{r['p99'] * 1000:,.0f}", f"{r['first_p50'] * 1000:,.0f}", len(r["errors"]),
+             "yes" if graceful[name] else "no"] for name, r in results.items()]
+    batched, single = results.values()
+    table = markdown_table(["server", "completion tokens/s", "requests/s", "latency p50 (ms)", "p99 (ms)",
+                            "streamed first token p50 (ms)", "errors", "graceful SIGTERM"], rows)
+    return (f"{table}\n\nBatched / one at a time: {batched['tokens_per_second'] / single['tokens_per_second']:.2f}x "
+            f"tokens/s, p50 latency {batched['p50'] / single['p50']:.2f}x.\n\nNotes: {args.requests} requests per "
+            f"round ({args.concurrency} concurrent clients, half streamed, {args.max_tokens} max tokens, temperature "
+            f"0.8, top-k 40, seeded), {args.rounds} rounds per server taking turns, the best round of each; model: "
+            f"{model_note}; both servers `tinystories serve` subprocesses on 127.0.0.1 with their decode step "
+            f"compiled; the client (httpx) in this process on the same cores.")
 
 
 if __name__ == "__main__":

@@ -751,3 +751,66 @@ def test_cli_serve_loads_the_run_and_serves_it(tiny_run, monkeypatch):
     assert served["lm"].compile is False
     assert served["lm"].generate("Hi", max_new_tokens=3, temperature=0)[0].token_ids  # a working model
     assert main(["serve", str(tiny_run / "missing")]) == 2  # a bad RUN is a one-line error
+
+
+# ----------------------------------------------------------------------------------------------
+# A peer tool: EleutherAI's lm-evaluation-harness scoring text through /v1/completions
+
+
+LM_EVAL_TASK = """task: tinystories_val_slice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+"""
+
+
+def lm_eval_loglikelihoods(server_url: str, tokenizer_dir, stories: list[str], work) -> list[float]:
+    """Each story's log-likelihood as `lm_eval --model local-completions` computes it from our
+    /v1/completions (echo + logprobs), with the exported HF tokenizer read offline."""
+    import os
+    import subprocess
+    import sys
+
+    data = work / "stories.jsonl"
+    data.write_text("".join(json.dumps({"text": story}) + "\n" for story in stories), encoding="utf-8")
+    (work / "task.yaml").write_text(LM_EVAL_TASK.format(data=data), encoding="utf-8")
+    model_args = (f"model=tiny,base_url={server_url}/v1/completions,tokenizer_backend=huggingface,"
+                  f"tokenizer={tokenizer_dir},max_length=256,num_concurrent=1,max_retries=1")
+    command = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
+               "--tasks", "tinystories_val_slice", "--include_path", str(work), "--log_samples",
+               "--output_path", str(work / "out")]
+    environment = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                       OPENAI_API_KEY="unused", TOKENIZERS_PARALLELISM="false")
+    finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=900)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    (samples,) = list((work / "out").rglob("samples_tinystories_val_slice*.jsonl"))
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    by_story = {record["doc"]["text"]: record["resps"][0][0] for record in records}
+    return [float(by_story[story][0] if isinstance(by_story[story], list) else by_story[story]) for story in stories]
+
+
+@pytest.mark.slow
+def test_lm_eval_harness_loglikelihoods_equal_tinystories_eval(tmp_path, valid_stories):
+    """lm-eval's loglikelihood of each validation story, through the server, equals `tinystories
+    eval`'s (evaluate_text) within 1e-3 nats per token."""
+    import lm_eval  # noqa: F401  (the dev extra installs it: a missing peer tool fails, not skips)
+    from tinystories import cli
+    from tinystories.evaluate import evaluate_text
+    from tinystories.generate import load_model
+
+    tiny = load_model("tiny")
+    stories = [s for s in valid_stories if len(tiny.tokenizer.encode(s)) < tiny.context_length - 2][:12]
+    assert len(stories) == 12
+    assert cli.main(["export", "tiny", "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    with BackgroundServer(create_app(tiny, "tiny", max_tokens_limit=16)) as server:
+        theirs = lm_eval_loglikelihoods(server.url, tmp_path / "hf", stories, tmp_path)
+    for story, loglikelihood in zip(stories, theirs):
+        ours = evaluate_text(tiny, [story])  # <|endoftext|> story: every token of the story predicted once
+        assert abs(-loglikelihood - ours["nats"]) / ours["tokens"] < 1e-3, story[:60]

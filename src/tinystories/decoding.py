@@ -207,26 +207,57 @@ def decode_step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
     return model.logits(model.norm_f(x))[:, 0]  # (B, V): the model's own head (soft-capped if configured)
 
 
-_compile_failed = False
+# The size/alignment checks are debugging aids that cost a Python call per buffer on every step.
+_INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
 
 
-def compiled_step(model: nn.Module) -> Callable[..., torch.Tensor]:
-    """`decode_step` compiled for fixed shapes; if compiling fails (no C++ compiler...), the eager
-    step with one warning: compiling is a speed-up, never a requirement."""
-    compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+class CompiledStep:
+    """`decode_step` compiled by inductor for one engine's tensors, then called without Dynamo.
 
-    def step(*args: Any) -> torch.Tensor:
-        global _compile_failed
-        if not _compile_failed:
-            try:
-                return compiled(*args)
-            except Exception as error:  # a backend failure: fall back for good
-                _compile_failed = True
-                warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); decoding eagerly", stacklevel=2)
-        return decode_step(*args)
+    The first call compiles through torch.compile (inductor's on-disk cache makes a repeat take
+    seconds) and keeps the compiled graph with the tensors it was traced with: the model's
+    parameters and the engine's own tokens, positions and cache, which the engine updates in place
+    and passes again on every step. Later calls run the graph on those same tensors directly: no
+    guard evaluation and no Dynamo frame, which on a model this small is half of a compiled step.
+    If compiling fails (no C++ compiler, an unsupported op...), the eager step, with one warning:
+    compiling is a speed-up, never a requirement.
+    """
 
-    return step
+    def __init__(self) -> None:
+        self.graph: Callable[..., Any] | None = None
+        self.inputs: list[torch.Tensor] = []
+        self.traced_with: tuple[Any, ...] = ()
+        self.failed = False
+
+    def _backend(self, graph_module: Any, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(graph_module, example_inputs, config_patches=_INDUCTOR_OPTIONS)
+        self.graph, self.inputs = compiled, list(example_inputs)
+        return compiled
+
+    def __call__(self, model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
+                 cache: KVCache) -> torch.Tensor:
+        arguments = (model, tokens, positions, cache)
+        if self.graph is not None and all(a is b for a, b in zip(arguments, self.traced_with)):
+            return self.graph(*self.inputs)[0]
+        if self.failed:
+            return decode_step(*arguments)
+        try:
+            logits = torch.compile(decode_step, backend=self._backend, fullgraph=True, dynamic=False)(*arguments)
+            self.traced_with = arguments
+            return logits
+        except Exception as error:  # a backend failure: decode eagerly from now on
+            self.failed, self.graph = True, None
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            warnings.warn(f"torch.compile of the decode step failed ({type(error).__name__}: {first_line}); "
+                          "decoding eagerly", stacklevel=2)
+            return decode_step(*arguments)
+        finally:
+            # Dynamo's own cache of this function is not used (later calls bypass it): drop it, so
+            # that many engines never pile up entries against its recompile limit.
+            if hasattr(torch._dynamo, "reset_code"):
+                torch._dynamo.reset_code(decode_step.__code__)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -267,7 +298,7 @@ class DecodeEngine:
         self.generators: list[torch.Generator | None] = [None] * slots
         self.rolls = 0
         compile = compile_by_default() if compile is None else compile
-        self._step = compiled_step(model) if compile and use_cache and not is_quantized(model) else decode_step
+        self._step = CompiledStep() if compile and use_cache and not is_quantized(model) else decode_step
         self.compiled = self._step is not decode_step
 
     def active(self) -> list[int]:

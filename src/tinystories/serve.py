@@ -50,6 +50,7 @@ DEFAULT_MAX_TOKENS_LIMIT = 1024  # the largest `max_tokens` a request may ask fo
 DEFAULT_MAX_BODY_BYTES = 256 * 1024  # a story prompt is a few KB; anything near this is abuse
 DEFAULT_MAX_PENDING = 64  # requests queued or running before new ones get a 503
 DEFAULT_SLOTS = 16  # rows decoded together: each a choice of a running request
+EOT_TEXT = "<|endoftext|>"  # how the end-of-text token reads in logprobs (it adds nothing to the text)
 
 
 @dataclass
@@ -117,15 +118,19 @@ def _alternatives(tokenizer: Any, details: TokenLogprobs | None) -> dict[str, fl
         return None
     alternatives: dict[str, float] = {}
     for token, logprob in details.top:  # most likely first
-        alternatives.setdefault(tokenizer.decode([token]), logprob)
+        alternatives.setdefault(_token_text(tokenizer, token), logprob)
     return alternatives
+
+
+def _token_text(tokenizer: Any, token: int) -> str:
+    return EOT_TEXT if token == tokenizer.eot_id else tokenizer.decode([token])
 
 
 def logprobs_block(tokenizer: Any, tokens: list[int], details: list[TokenLogprobs | None],
                    offsets: list[int]) -> dict[str, list]:
     """{tokens, token_logprobs, top_logprobs, text_offset} for `tokens` (a None detail: a null entry)."""
     return {
-        "tokens": [tokenizer.decode([token]) for token in tokens],
+        "tokens": [_token_text(tokenizer, token) for token in tokens],
         "token_logprobs": [None if d is None else d.logprob for d in details],
         "top_logprobs": [_alternatives(tokenizer, d) for d in details],
         "text_offset": offsets,
@@ -151,9 +156,13 @@ def choice_logprobs(tokenizer: Any, parsed: CompletionRequest, prompt: PromptRea
         return None
     block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     parts = [echo_block(tokenizer, prompt, scored)] if parsed.echo else []
-    generated = completion.token_ids
-    parts.append(logprobs_block(tokenizer, generated, list(completion.logprobs or [None] * len(generated)),
-                                [len(echoed) + offset for offset in token_offsets(tokenizer, generated)]))
+    generated, details = list(completion.token_ids), list(completion.logprobs or [None] * len(completion.token_ids))
+    offsets = [len(echoed) + offset for offset in token_offsets(tokenizer, generated)]
+    if completion.end_logprobs is not None:  # the story ended: its <|endoftext|> is a token too, as OpenAI's
+        generated.append(tokenizer.eot_id)
+        details.append(completion.end_logprobs)
+        offsets.append(len(echoed) + len(completion.text))
+    parts.append(logprobs_block(tokenizer, generated, details, offsets))
     for part in parts:
         for key in block:
             block[key].extend(part[key])
@@ -325,11 +334,11 @@ class StreamWriter:
 
     def _chunk(self, index: int, chunk: Any) -> str:
         ended_story = chunk.finish_reason == "stop" and chunk.token_id == self.tokenizer.eot_id
-        logprobs = None
-        if not ended_story:  # as Completion.token_ids: the closing <|endoftext|> is not a token of the text
+        if not ended_story:  # as Completion.token_ids: the closing <|endoftext|> is not counted
             self.completion_tokens += 1
-            if self.parsed.logprobs is not None:
-                logprobs = logprobs_block(self.tokenizer, [chunk.token_id], [chunk.logprobs], [self.text_length[index]])
+        logprobs = None
+        if self.parsed.logprobs is not None and chunk.logprobs is not None:
+            logprobs = logprobs_block(self.tokenizer, [chunk.token_id], [chunk.logprobs], [self.text_length[index]])
         self.text_length[index] += len(chunk.text)
         return self._event(index, chunk.text, chunk.finish_reason, logprobs)
 
