@@ -1,7 +1,7 @@
 """Small helpers shared by the benchmark scripts: describe the machine, print a markdown table, and
 append a dated section to benchmarks/RESULTS.md.
 
-    from common import append_results, machine_description, markdown_table
+    from common import append_results, best_times, machine_description, markdown_table
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import platform
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+import time
+from typing import Callable, Sequence
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -73,3 +74,23 @@ def append_results(title: str, body: str, path: Path = RESULTS) -> None:
                f"Command: `{command_line()}`\n\n{body.strip()}\n")
     with open(path, "a", encoding="utf-8") as file:  # one write: sections of concurrent scripts don't interleave
         file.write(section)
+
+
+def best_times(functions: dict[str, Callable[[], object]], rounds: int, warmups: int = 1,
+               synchronize: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Best wall time of each function over `rounds`, the functions taking turns in each round (so a
+    change in the machine's load hits them alike), after `warmups` untimed calls each (allocations,
+    lazy initialisation, compiling). `synchronize` waits for an accelerator around each timing."""
+    for function in functions.values():
+        for _ in range(warmups):
+            function()
+    synchronize()
+    best = {name: float("inf") for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            synchronize()
+            started = time.perf_counter()
+            function()
+            synchronize()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -23,7 +22,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import torch  # noqa: E402
 
-from common import append_results, markdown_table  # noqa: E402
+from common import append_results, best_times, markdown_table  # noqa: E402
 from tinystories.config import get_preset  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
 from tinystories.optim import build_optimizer  # noqa: E402
@@ -53,17 +52,7 @@ def training_step(deterministic: bool, batch_size: int):
 
 
 def best_step_seconds(rounds: int, batch_size: int) -> dict[bool, float]:
-    steps = {mode: training_step(mode, batch_size) for mode in (True, False)}
-    for step in steps.values():
-        step()  # compile
-        step()
-    best = {mode: float("inf") for mode in steps}
-    for _ in range(rounds):
-        for mode, step in steps.items():
-            started = time.perf_counter()
-            step()
-            best[mode] = min(best[mode], time.perf_counter() - started)
-    return best
+    return best_times({mode: training_step(mode, batch_size) for mode in (True, False)}, rounds, warmups=2)
 
 
 def losses_of_a_run(deterministic: bool, data: Path) -> list[float]:

@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -43,6 +42,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 import torch  # noqa: E402
 
 from common import append_results, markdown_table  # noqa: E402
+from common import best_times as common_best_times  # noqa: E402
 from generate_throughput import PlainTokenizer, check_logits_agree, random_model, to_hf  # noqa: E402
 from train_throughput import hf_llama  # noqa: E402
 from tinystories.config import ModelConfig, get_preset  # noqa: E402
@@ -56,20 +56,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def best_times(functions: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
-    """Best wall time of each function over `rounds`, the functions taking turns in each round, after one
-    untimed call each (warm-up: allocations, lazy init, compiling)."""
-    for function in functions.values():
-        function()
-    synchronize(device)
-    best = {name: float("inf") for name in functions}
-    for _ in range(rounds):
-        for name, function in functions.items():
-            synchronize(device)
-            started = time.perf_counter()
-            function()
-            synchronize(device)
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best
+    """common.best_times, waiting for the device around each timing."""
+    return common_best_times(functions, rounds, synchronize=lambda: synchronize(device))
 
 
 NANOGPT = _HERE.parent.parent / "shared" / "peers" / "nanogpt"

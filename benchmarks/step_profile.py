@@ -19,7 +19,6 @@ import argparse
 import collections
 import os
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +28,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import append_results, markdown_table  # noqa: E402
+from common import append_results, best_times, markdown_table  # noqa: E402
 from tinystories.config import get_preset  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
 from tinystories.optim import Optimizers, build_optimizer  # noqa: E402
@@ -78,19 +77,6 @@ def training_step(lever: str, batch_size: int):
     return step
 
 
-def best_seconds(steps: dict, rounds: int) -> dict[str, float]:
-    for step in steps.values():
-        step()
-        step()
-    best = {name: float("inf") for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step()
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best
-
-
 def profile_table(step, steps: int = 3) -> tuple[str, float]:
     """Self CPU time per step by kernel (inductor kernels named), top 12, and the step's total."""
     from torch.profiler import ProfilerActivity, profile
@@ -122,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     inductor.cpp.enable_kernel_profile = True  # compiled kernels show up by name in the profile
     levers = [name.strip() for name in args.levers.split(",") if name.strip()]
     steps = {name: training_step(name, args.batch_size) for name in levers}
-    seconds = best_seconds(steps, args.rounds)
+    seconds = best_times(steps, args.rounds, warmups=2)
     tokens = args.batch_size * get_preset("tiny").model.context_length
     reference = seconds.get("ours", next(iter(seconds.values())))
     rows = [[f"`{name}`", f"{1000 * seconds[name]:.0f}", f"{tokens / seconds[name]:,.0f}",

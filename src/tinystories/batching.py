@@ -46,7 +46,25 @@ def _generator(seed: int, position: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(position)])
 
 
-class WindowBatches:
+class Sampler:
+    """What every sampler shares: a `kind`, a `seed` and a `position` (batches drawn so far), which is
+    all its state: `state_dict()` is plain ints and `load_state_dict` refuses another sampler's."""
+
+    kind = ""
+    seed = 0
+    position = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "seed": int(self.seed), "position": int(self.position)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.kind or int(state.get("seed", -1)) != self.seed:
+            raise BatchError(f"saved data position is for {state.get('kind')} batches with seed {state.get('seed')}, "
+                             f"this run uses {self.kind} batches with seed {self.seed}")
+        self.position = int(state["position"])
+
+
+class WindowBatches(Sampler):
     """Random (x, y) windows of a token shard: x (N, T) int64, y (N, T) int64 (x shifted by one)."""
 
     kind = "windows"
@@ -68,15 +86,8 @@ class WindowBatches:
         starts = rng.integers(0, len(self.tokens) - T, size=self.batch_size)  # last start: len - T - 1
         return windows_at(self.tokens, starts, T)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "seed": int(self.seed), "position": int(self.position)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state(self, state)
-        self.position = int(state["position"])
-
-
-class EpochWindows:
+class EpochWindows(Sampler):
     """Every window once per pass: pass e cuts the shard into windows of T + 1 tokens (stride T) from a
     random offset in [0, T), and serves them in a random order of its own; x, y (N, T) int64.
 
@@ -116,15 +127,8 @@ class EpochWindows:
             starts.append(offset + self.context_length * int(order[window % self.windows_per_pass]))
         return windows_at(self.tokens, np.asarray(starts), self.context_length)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "seed": int(self.seed), "position": int(self.position)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state(self, state)
-        self.position = int(state["position"])
-
-
-class StoryBatches:
+class StoryBatches(Sampler):
     """Random whole stories, right-padded per batch: x (N, L) int64, y (N, L) int64 with -1 at padding.
 
     L is the longest story of the batch (at most T). A story is the run of tokens from its EOT up to,
@@ -160,19 +164,6 @@ class StoryBatches:
                 story = np.append(story, self.eot_id)  # the last story of the shard: close it with EOT
             stories.append(story)
         return pad_stories(stories, pad_id=self.eot_id)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "seed": int(self.seed), "position": int(self.position)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_state(self, state)
-        self.position = int(state["position"])
-
-
-def _check_state(batches, state: dict[str, Any]) -> None:
-    if state.get("kind") != batches.kind or int(state.get("seed", -1)) != batches.seed:
-        raise BatchError(f"saved data position is for {state.get('kind')} batches with seed {state.get('seed')}, "
-                         f"this run uses {batches.kind} batches with seed {batches.seed}")
 
 
 def make_batches(kind: str, tokens: np.ndarray, context_length: int, batch_size: int, seed: int,
