@@ -1,7 +1,7 @@
 """A small deterministic stand-in for the model under the server: a fake decode engine.
 
 The server decodes through `language_model.new_engine(slots)`. `FakeEngine` has the engine's
-interface (`start`, `sample`, `advance`, `release`, `active`, `free_slot`) and emits PIECES, one token
+interface (`start_many`, `sample`, `advance`, `release`, `active`, `free_slots`) and emits PIECES, one token
 id each (`PieceTokenizer`), from an offset fixed by the seed and the prompt, sleeping `delay` seconds
 per decode round as a batched step would. It checks nothing about the sampling options: the server
 builds the library's real `SamplingConfig`, whose rules are the ones under test. It records what the
@@ -61,8 +61,20 @@ class FakeEngine:
     def active(self) -> list[int]:
         return sorted(self.rows)
 
-    def free_slot(self) -> int | None:
-        return next((slot for slot in range(self.slots) if slot not in self.rows), None)
+    def free_slots(self) -> list[int]:
+        return [slot for slot in range(self.slots) if slot not in self.rows]
+
+    def start_many(self, starts) -> list:
+        """Each start's prompt log-probs, or the error that refused it (the others start anyway)."""
+        self.model.prefills.append(len(starts))
+        results = []
+        for request in starts:
+            try:
+                results.append(self.start(request.slot, request.tokens, request.config, request.seed,
+                                          request.exclude_from_penalty, request.prompt_logprobs))
+            except Exception as error:
+                results.append(error)
+        return results
 
     def start(self, slot, tokens, config, seed=None, exclude_from_penalty=None, prompt_logprobs=None):
         if slot in self.rows:
@@ -112,6 +124,7 @@ class FakeLanguageModel:
         self.delay = delay  # seconds per decode round, to make requests take time
         self.starts: list[dict] = []  # every row the server started, in order
         self.rounds: list[int] = []  # how many rows each decode round served
+        self.prefills: list[int] = []  # how many rows each prefill started together
         self.scored: list[list[int]] = []  # prompts scored without generating (max_tokens 0)
         self.engines = 0
         self.stream_started = threading.Event()

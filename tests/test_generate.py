@@ -521,3 +521,41 @@ def test_cli_generate_rejects_unknown_runs_and_mismatched_tokenizers(tmp_path, c
     run_dir = make_run(tmp_path / "run", random_model(), vocab_size=200)
     code, _, err = run_cli(capsys, "generate", str(run_dir), "--prompt", "x")
     assert code == 2 and "tokenizer" in err and err.count("\n") == 1
+
+
+def test_warm_up_compiles_the_engine_that_new_engine_then_returns(monkeypatch):
+    monkeypatch.delenv("TINYSTORIES_COMPILE")  # the default path (the same shape as the compiled tests above)
+    lm = LanguageModel(random_model(**VARIANTS["rope-mqa-window"]), BytesTokenizer())
+    assert lm.warm_up(1)
+    engine = lm.new_engine(1)
+    assert engine.compiled and engine._step.graph is not None  # compiled before any request
+    assert lm.new_engine(1) is not engine  # handed out once
+    assert not eager(random_model()).warm_up(1)  # a model that does not compile: nothing to do
+
+
+@pytest.mark.parametrize("variant", ["rope-mqa-window", "learned-gelu-layernorm"])
+def test_prompts_prefilled_together_decode_as_each_alone(variant):
+    from tinystories.decoding import SlotStart
+
+    model = random_model(std=0.1, **VARIANTS[variant])
+    prompts = {0: [EOT_ID, 72, 105, 33, 32, 65, 66], 2: [EOT_ID], 3: [EOT_ID, 80, 81]}
+    together = DecodeEngine(model, slots=4, compile=False)
+    too_long = [EOT_ID] * (model.config.context_length + 1)
+    results = together.start_many([SlotStart(slot, tokens, GREEDY, prompt_logprobs=2) for slot, tokens in prompts.items()]
+                                  + [SlotStart(1, too_long, GREEDY)])
+    assert isinstance(results[-1], ValueError) and together.active() == [0, 2, 3]  # refused alone
+    for (slot, tokens), scored in zip(prompts.items(), results):
+        alone = DecodeEngine(model, slots=1, compile=False)
+        expected = alone.start(0, tokens, GREEDY, prompt_logprobs=2)
+        assert len(scored) == len(tokens) - 1
+        assert [s.logprob for s in scored] == pytest.approx([s.logprob for s in expected], abs=1e-5)
+        assert [[i for i, _ in s.top] for s in scored] == [[i for i, _ in s.top] for s in expected]
+        assert torch.allclose(together.logits[slot], alone.logits[0], atol=1e-5, rtol=0)
+    for _ in range(25):  # past the context (16): every row rolls on its own
+        together.advance({slot: token for slot, (token, _) in together.sample().items()})
+    for slot, tokens in prompts.items():
+        alone = DecodeEngine(model, slots=1, compile=False)
+        alone.start(0, tokens, GREEDY)
+        for _ in range(25):
+            alone.advance({0: alone.sample()[0][0]})
+        assert together.windows[slot] == alone.windows[0]

@@ -136,7 +136,7 @@ def test_prompt_list_and_n_are_rows_of_one_batch(client, fake):
     result = post(client, {"prompt": ["Tom", "Lily went"], "n": 2, "max_tokens": 3, "seed": 1}).json()
     assert [s["prompt"] for s in fake.starts] == ["Tom", "Tom", "Lily went", "Lily went"]
     assert [s["seed"] for s in fake.starts] == [1, 2, 1, 2]  # sample j of a prompt: seed + j, as generate
-    assert max(fake.rounds) == 4  # all four decoded together
+    assert max(fake.rounds) == 4 and fake.prefills == [4]  # all four prefilled and decoded together
     expected = ["".join(expected_pieces(p, 1 + s, 3)) for p in ("Tom", "Lily went") for s in range(2)]
     assert [c["index"] for c in result["choices"]] == [0, 1, 2, 3]
     assert [c["text"] for c in result["choices"]] == expected

@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tinystories.config import SamplingConfig
 from tinystories.model import KVCache
@@ -84,9 +85,12 @@ def filter_top_k(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
             return logits
         kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
     else:
-        descending = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
-        kth_largest = descending.gather(-1, (k.clamp(1, vocab) - 1)[:, None])  # (B, 1)
-        kth_largest = kth_largest.masked_fill((k <= 0)[:, None], float("-inf"))
+        largest = int(k.clamp(0, vocab).max())
+        if largest == 0:
+            return logits
+        best = torch.topk(logits, largest, dim=-1).values  # (B, largest): enough for every row's k
+        kth_largest = best.gather(-1, (k.clamp(1, largest) - 1)[:, None])  # (B, 1)
+        kth_largest = kth_largest.masked_fill(((k <= 0) | (k >= vocab))[:, None], float("-inf"))
     return logits.masked_fill(logits < kth_largest, float("-inf"))
 
 
@@ -99,6 +103,8 @@ def filter_top_p(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
         if p >= 1.0:
             return logits
         p = torch.full(logits.shape[:1], p, device=logits.device)
+    elif not bool((p < 1.0).any()):
+        return logits  # every row off: no sort
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
@@ -211,6 +217,14 @@ def decode_step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
 _INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
 
 
+def math_attention_step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
+                        cache: KVCache) -> torch.Tensor:
+    """`decode_step` with attention as plain matmuls and a softmax, which inductor fuses: for one
+    query per row that is ~20% faster than the flash kernel (measured on the tiny preset, CPU)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return decode_step(model, tokens, positions, cache)
+
+
 class CompiledStep:
     """`decode_step` compiled by inductor for one engine's tensors, then called without Dynamo.
 
@@ -244,7 +258,8 @@ class CompiledStep:
         if self.failed:
             return decode_step(*arguments)
         try:
-            logits = torch.compile(decode_step, backend=self._backend, fullgraph=True, dynamic=False)(*arguments)
+            logits = torch.compile(math_attention_step, backend=self._backend, fullgraph=True,
+                                   dynamic=False)(*arguments)
             self.traced_with = arguments
             return logits
         except Exception as error:  # a backend failure: decode eagerly from now on
@@ -257,7 +272,19 @@ class CompiledStep:
             # Dynamo's own cache of this function is not used (later calls bypass it): drop it, so
             # that many engines never pile up entries against its recompile limit.
             if hasattr(torch._dynamo, "reset_code"):
-                torch._dynamo.reset_code(decode_step.__code__)
+                torch._dynamo.reset_code(math_attention_step.__code__)
+
+
+@dataclass
+class SlotStart:
+    """What `DecodeEngine.start_many` needs for one slot (the arguments of `start`)."""
+
+    slot: int
+    tokens: list[int]
+    config: SamplingConfig
+    seed: int | None = None
+    exclude_from_penalty: int | None = None
+    prompt_logprobs: int | None = None
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -316,26 +343,54 @@ class DecodeEngine:
         <|endoftext|>) that the repetition penalty ignores. prompt_logprobs: also return the log-probs
         of tokens[1:] from the prefill, with that many alternatives each.
         """
+        (scored,) = self.start_many([SlotStart(slot, list(tokens), config, seed, exclude_from_penalty,
+                                               prompt_logprobs)])
+        if isinstance(scored, Exception):
+            raise scored
+        return scored
+
+    @torch.inference_mode()
+    def start_many(self, starts: Sequence["SlotStart"]) -> list[list[TokenLogprobs] | Exception]:
+        """`start` for several free slots at once: their prompts are prefilled in one forward pass.
+
+        Returns, per start, its prompt log-probs ([] unless asked for), or the error that refused it
+        (a busy slot, a prompt of the wrong length): the others start all the same.
+        """
+        results: list[list[TokenLogprobs] | Exception] = []
+        for request in starts:
+            try:
+                self._admit(request)
+                results.append([])
+            except (ValueError, RuntimeError) as error:
+                results.append(error)
+        admitted = [request for request, result in zip(starts, results) if not isinstance(result, Exception)]
+        prefilled = self._prefill_together([request.slot for request in admitted])  # slot -> (T, V)
+        for index, request in enumerate(starts):
+            if request.prompt_logprobs is not None and not isinstance(results[index], Exception):
+                ids = torch.as_tensor(request.tokens, device=self.device)
+                results[index] = logprobs_of(prefilled[request.slot][:-1], ids[1:], request.prompt_logprobs)
+        return results
+
+    def _admit(self, request: "SlotStart") -> None:
+        slot, tokens, config = request.slot, request.tokens, request.config
         if self.windows[slot] is not None:
             raise RuntimeError(f"slot {slot} is busy")
         if not 1 <= len(tokens) <= self.context_length:
             raise ValueError(f"a slot holds 1..{self.context_length} tokens, got {len(tokens)}")
         self.windows[slot] = list(tokens)
         self.configs[slot] = config
-        self.generators[slot] = None if config.greedy else make_generator(seed, self.device)
+        self.generators[slot] = None if config.greedy else make_generator(request.seed, self.device)
         self.options.temperature[slot] = config.temperature
         self.options.top_k[slot] = config.top_k
         self.options.top_p[slot] = config.top_p
         self.options.penalty[slot] = config.repetition_penalty
         self.present[slot] = False
-        content = [t for t in tokens if t != exclude_from_penalty]
+        content = [t for t in tokens if t != request.exclude_from_penalty]
         if content:
             self.present[slot, torch.as_tensor(content, device=self.device)] = True
-        prefill_logits = self._prefill(slot)  # (T, V)
-        if prompt_logprobs is None:
-            return []
-        ids = torch.as_tensor(list(tokens), device=self.device)
-        return logprobs_of(prefill_logits[:-1], ids[1:], prompt_logprobs)
+
+    def free_slots(self) -> list[int]:
+        return [slot for slot, window in enumerate(self.windows) if window is None]
 
     def release(self, slot: int) -> None:
         self.windows[slot] = None
@@ -405,6 +460,28 @@ class DecodeEngine:
         if self._step is decode_step:  # eager: shapes may change, so read only the slots in use
             cache = cache.prefix(max(positions) + 1)
         self.logits = self._step(self.model, self.tokens, self.positions, cache)  # (S, V)
+
+    def _prefill_together(self, slots: list[int]) -> dict[int, torch.Tensor]:
+        """Prefill several slots' windows in one forward: right-padded to the longest, so under causal
+        attention no real token sees a pad; each row's keys/values are then copied into its slot."""
+        if self.cache is None or len(slots) == 1:
+            return {slot: self._prefill(slot) for slot in slots}
+        windows = [self.windows[slot] for slot in slots]
+        width = max(len(window) for window in windows)
+        ids = torch.zeros(len(slots), width, dtype=torch.long, device=self.device)  # (n, T)
+        for row, window in enumerate(windows):
+            ids[row, :len(window)] = torch.as_tensor(window, dtype=torch.long, device=self.device)
+        scratch = KVCache(self.model.config, len(slots), width, self.device, self.cache.keys[0].dtype)
+        logits, _ = self.model(ids, cache=scratch)  # (n, T, V)
+        prefilled = {}
+        for row, (slot, window) in enumerate(zip(slots, windows)):
+            length = len(window)
+            for layer in range(len(self.cache.keys)):
+                self.cache.keys[layer][slot, :, :length] = scratch.keys[layer][row, :, :length]
+                self.cache.values[layer][slot, :, :length] = scratch.values[layer][row, :, :length]
+            self.logits[slot] = logits[row, length - 1]
+            prefilled[slot] = logits[row, :length]
+        return prefilled
 
     def _prefill(self, slot: int) -> torch.Tensor:
         """Run the model's forward on the slot's window (filling its cache row); returns its logits (T, V)."""

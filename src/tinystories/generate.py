@@ -294,6 +294,7 @@ class LanguageModel:
         self.last_stats: dict[str, float] = {}  # tokens, seconds, tokens_per_second of the last call
         self._idle_engines: dict[tuple[int, bool], list[DecodeEngine]] = {}
         self._engines_lock = threading.Lock()
+        self._warmed: dict[int, DecodeEngine] = {}  # compiled by warm_up, waiting for new_engine
 
     @property
     def device(self) -> torch.device:
@@ -312,12 +313,15 @@ class LanguageModel:
         return prompt_tokens(self.tokenizer, prompt, self.context_length)
 
     def new_engine(self, slots: int, use_cache: bool = True) -> DecodeEngine:
-        """A fresh engine of `slots` slots over this model (the server keeps one for its lifetime)."""
-        return DecodeEngine(self.model, slots, use_cache=use_cache, compile=self.compile)
+        """An engine of `slots` slots over this model, for a caller that keeps it (the server does, for
+        its lifetime): the one `warm_up` compiled, else a fresh one."""
+        with self._engines_lock:
+            warmed = self._warmed.pop(slots, None) if use_cache else None
+        return warmed or DecodeEngine(self.model, slots, use_cache=use_cache, compile=self.compile)
 
     def warm_up(self, slots: int = 1) -> bool:
-        """Compile the decode step for engines of `slots` slots now, if this model compiles (every such
-        engine then reuses it). Returns whether it compiled."""
+        """Compile the decode step of an engine of `slots` slots now, if this model compiles; the next
+        `new_engine(slots)` returns that engine. Returns whether it compiled."""
         engine = self.new_engine(slots)
         if not engine.compiled:
             return False
@@ -325,6 +329,9 @@ class LanguageModel:
         with eval_mode(self.model):
             engine.start(0, [eot], SamplingConfig(temperature=0))
             engine.advance({0: eot})
+            engine.release(0)
+        with self._engines_lock:
+            self._warmed[slots] = engine
         return True
 
     @contextlib.contextmanager

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -563,6 +564,20 @@ def _uvicorn_server(app: Starlette, log_level: str, graceful_timeout: float, acc
     return uvicorn.Server(config)
 
 
+def set_decode_threads() -> int:
+    """The model thread gets every core but one, which stays with the event loop (HTTP, JSON, SSE): on
+    2 cores, two OpenMP threads that spin-wait while the loop runs make decoding many times slower."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    threads = max(1, min(torch.get_num_threads(), cores - 1))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def serve(language_model: LanguageModelLike, model_name: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, slots: int = DEFAULT_SLOTS, log_level: str = "info",
           graceful_timeout: float = 10.0) -> None:
@@ -574,6 +589,7 @@ def serve(language_model: LanguageModelLike, model_name: str, *, host: str = DEF
     """
     app = create_app(language_model, model_name, max_tokens_limit, slots=slots)
     sock = bind_socket(host, port)
+    set_decode_threads()
     warm_up = getattr(language_model, "warm_up", None)
     if warm_up is not None:
         started = time.perf_counter()

@@ -1,7 +1,7 @@
 """The server's model thread: continuous batching of every request's choices over one decode engine.
 
 Each choice of a request is a `Job`. The worker thread owns a `DecodeEngine` with `slots` slots and
-runs rounds: take new jobs (a job joins at the next round, prefilled into a free slot), drop the jobs
+runs rounds: take new jobs (they join at the next round, prefilled together into free slots), drop the jobs
 whose client went away (their slot is free at once), sample one token for every running job, hand
 each its `Chunk` (through the same `Continuation` stop rules as `generate`), and feed the tokens of
 the jobs still running to one batched decode step. Jobs beyond the free slots wait in arrival order.
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol
 
 from tinystories.config import SamplingConfig
-from tinystories.decoding import TokenLogprobs
+from tinystories.decoding import SlotStart, TokenLogprobs
 from tinystories.errors import UserError
 from tinystories.generate import Continuation
 from tinystories.serve_schema import APIError
@@ -40,9 +40,8 @@ class EngineLike(Protocol):
     """What the worker needs from `tinystories.decoding.DecodeEngine`."""
 
     def active(self) -> list[int]: ...
-    def free_slot(self) -> int | None: ...
-    def start(self, slot: int, tokens: list[int], config: SamplingConfig, seed: int | None = None,
-              exclude_from_penalty: int | None = None, prompt_logprobs: int | None = None) -> list: ...
+    def free_slots(self) -> list[int]: ...
+    def start_many(self, starts: list[SlotStart]) -> list[list[TokenLogprobs] | Exception]: ...
     def sample(self, logprobs: int | None = None) -> dict[int, tuple[int, TokenLogprobs | None]]: ...
     def advance(self, fed: dict[int, int]) -> None: ...
     def release(self, slot: int) -> None: ...
@@ -72,7 +71,8 @@ class Job:
     seed: int | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
-    emit: Callable[[Event], None] = print
+    emit: Callable[[Event], None] = print  # called on `loop`, the request's event loop
+    loop: asyncio.AbstractEventLoop | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -94,6 +94,7 @@ class BatchWorker:
         self._thread: threading.Thread | None = None
         self._waiting: deque[Job] = deque()
         self._running: dict[int, tuple[Job, Continuation]] = {}
+        self._outbox: list[tuple[Job, Event]] = []  # events of this round, delivered together
 
     def open(self) -> None:
         self.closing.clear()
@@ -131,8 +132,26 @@ class BatchWorker:
             self._fill_slots(engine)
             if self._running:
                 self._round(engine)
+            self._flush()
         for job in list(self._waiting) + [job for job, _ in self._running.values()]:
-            job.emit(("error", job.index, UserError("the server is shutting down")))
+            self._send(job, ("error", job.index, UserError("the server is shutting down")))
+        self._flush()
+
+    def _send(self, job: Job, event: Event) -> None:
+        self._outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """Hand the round's events to their event loops: one wake-up per loop and round, not per token."""
+        by_loop: dict[Any, list[tuple[Callable[[Event], None], Event]]] = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job.emit, event))
+        self._outbox.clear()
+        for loop, deliveries in by_loop.items():
+            if loop is None:
+                _deliver(deliveries)
+                continue
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _collect(self, block: bool) -> None:
         """Move newly submitted jobs to the waiting line (waiting for one when there is nothing to do)."""
@@ -149,36 +168,55 @@ class BatchWorker:
             if job.cancelled.is_set():
                 engine.release(slot)
                 del self._running[slot]
-                job.emit(("error", job.index, UserError("cancelled")))
+                self._send(job, ("error", job.index, UserError("cancelled")))
         for job in [job for job in self._waiting if job.cancelled.is_set()]:
             self._waiting.remove(job)
-            job.emit(("error", job.index, UserError("cancelled")))
+            self._send(job, ("error", job.index, UserError("cancelled")))
 
     def _fill_slots(self, engine: EngineLike) -> None:
+        """Start waiting jobs in the free slots, all prefilled together; score-only jobs need no slot."""
+        free, joining = engine.free_slots(), []
         while self._waiting and not self.closing.is_set():
             job = self._waiting[0]
-            slot = None if job.sampling is None else engine.free_slot()
-            if job.sampling is not None and slot is None:
-                return  # every slot is busy: the job waits for the next round
+            if job.sampling is not None and not free:
+                break  # every slot is busy: the job waits for a later round
             self._waiting.popleft()
-            try:
-                self._start(engine, job, slot)
-            except Exception as error:  # a refused prompt (UserError) or a bug: this job alone fails
-                if slot is not None and slot in engine.active():
+            if job.sampling is None:
+                self._score(job)
+            else:
+                joining.append((free.pop(0), job))
+        if joining:
+            self._start(engine, joining)
+
+    def _score(self, job: Job) -> None:
+        """A max_tokens 0 job: the prompt's log-probs (if asked for), no generation."""
+        try:
+            scored = self.language_model.score(job.tokens, job.prompt_logprobs or 0) if job.prompt_logprobs is not None else []
+        except Exception as error:
+            self._fail(job, error)
+            return
+        self._send(job, ("prompt", job.index, scored))
+        completion = Continuation(self.language_model.tokenizer, SamplingConfig(), len(job.tokens)).completion()
+        self._send(job, ("end", job.index, completion))
+
+    def _start(self, engine: EngineLike, joining: list[tuple[int, Job]]) -> None:
+        tokenizer = self.language_model.tokenizer
+        starts = [SlotStart(slot, job.tokens, job.sampling, job.seed, tokenizer.eot_id, job.prompt_logprobs)
+                  for slot, job in joining]
+        try:
+            results = engine.start_many(starts)
+        except Exception as error:  # the prefill itself failed (a bug): these jobs fail, the server goes on
+            for slot, job in joining:
+                if slot in engine.active():
                     engine.release(slot)
                 self._fail(job, error)
-
-    def _start(self, engine: EngineLike, job: Job, slot: int | None) -> None:
-        tokenizer = self.language_model.tokenizer
-        if job.sampling is None:  # score only: no slot, no generation
-            scored = self.language_model.score(job.tokens, job.prompt_logprobs or 0)
-            job.emit(("prompt", job.index, scored if job.prompt_logprobs is not None else []))
-            job.emit(("end", job.index, Continuation(tokenizer, SamplingConfig(), len(job.tokens)).completion()))
             return
-        prompt = engine.start(slot, job.tokens, job.sampling, job.seed, exclude_from_penalty=tokenizer.eot_id,
-                              prompt_logprobs=job.prompt_logprobs)
-        job.emit(("prompt", job.index, prompt))
-        self._running[slot] = (job, Continuation(tokenizer, job.sampling, len(job.tokens)))
+        for (slot, job), result in zip(joining, results):
+            if isinstance(result, Exception):  # a refused prompt (UserError) or a bug: this job alone fails
+                self._fail(job, result)
+                continue
+            self._send(job, ("prompt", job.index, result))
+            self._running[slot] = (job, Continuation(tokenizer, job.sampling, len(job.tokens)))
 
     def _round(self, engine: EngineLike) -> None:
         """One token for every running job, then one decode step for those that go on."""
@@ -188,9 +226,9 @@ class BatchWorker:
             fed = {}
             for slot, (token, details) in sampled.items():
                 job, continuation = self._running[slot]
-                job.emit(("chunk", job.index, continuation.push(token, _trim(details, job.logprobs))))
+                self._send(job, ("chunk", job.index, continuation.push(token, _trim(details, job.logprobs))))
                 if continuation.finished:
-                    job.emit(("end", job.index, continuation.completion()))
+                    self._send(job, ("end", job.index, continuation.completion()))
                     engine.release(slot)
                     del self._running[slot]
                 else:
@@ -206,7 +244,12 @@ class BatchWorker:
     def _fail(self, job: Job, error: Exception) -> None:
         if not isinstance(error, UserError):
             logger.error("generation failed", exc_info=error)
-        job.emit(("error", job.index, error))
+        self._send(job, ("error", job.index, error))
+
+
+def _deliver(deliveries: list[tuple[Callable[[Event], None], Event]]) -> None:
+    for emit, event in deliveries:
+        emit(event)
 
 
 class RequestJobs:
@@ -214,17 +257,11 @@ class RequestJobs:
     loop. `cancel()` (the client went away) frees their slots at the worker's next round."""
 
     def __init__(self, worker: BatchWorker, jobs: list[Job]) -> None:
-        loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.remaining = len(jobs)
-
-        def put(event: Event) -> None:  # called on the model thread
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(self._events.put_nowait, event)
-
         for job in jobs:
-            job.emit, job.cancelled = put, self.cancelled
+            job.emit, job.loop, job.cancelled = self._events.put_nowait, asyncio.get_running_loop(), self.cancelled
             worker.submit(job)
 
     def cancel(self) -> None:
