@@ -21,6 +21,7 @@ import argparse
 import sys
 import time
 import warnings
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -117,67 +118,71 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
 
-    N, P = args.new_tokens, args.prompt_tokens
-    prompt = "".join(chr(65 + i % 26) for i in range(P - 1))  # P-1 tokens after the leading EOT
     rows = []
     for preset in args.presets:
-        model = random_model(preset)
-        lm = LanguageModel(model, PlainTokenizer(model.config.vocab_size))
-        lm_eager = LanguageModel(model, lm.tokenizer, compile=False)
-        lm_int8 = LanguageModel(quantize_int8(model), lm.tokenizer)
-        hf = None
-        if not args.no_hf:
-            hf = to_hf(model)
-            print(f"{preset}: HF logits agree within {check_logits_agree(model, hf):.1e}", file=sys.stderr)
-        for batch in args.batches:
-            prompts = [prompt] * batch
-            functions = {}
-
-            def ours(language_model=lm, use_cache=True):
-                completions = language_model.generate(prompts, max_new_tokens=N, temperature=0, use_cache=use_cache)
-                assert all(len(c.token_ids) == N for c in completions)
-
-            functions["ours (default: static KV cache, compiled step)"] = ours
-            functions["ours, eager step (compile=False)"] = lambda: ours(lm_eager)
-            functions["ours, int8 + KV cache (eager)"] = lambda: ours(lm_int8)
-            if hf is not None:
-                ids = torch.tensor([[0] + lm.tokenizer.encode(prompt)] * batch)
-
-                def hugging_face():
-                    with torch.inference_mode():
-                        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N,
-                                          min_new_tokens=N, do_sample=False, pad_token_id=0)
-                    assert out.shape[1] == P + N
-
-                functions["HF transformers generate"] = hugging_face
-                # same greedy tokens (a check that the two decode the same model)
-                ours_tokens = lm.generate(prompt, max_new_tokens=N, temperature=0)[0].token_ids
-                with torch.inference_mode():
-                    hf_tokens = hf.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=N,
-                                            min_new_tokens=N, do_sample=False, pad_token_id=0)[0, P:].tolist()
-                agree = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
-                print(f"{preset} b{batch}: greedy tokens agree with HF on {agree}/{N}", file=sys.stderr)
-            results = time_round_robin(functions, args.repeats)
-            results["ours, no cache"] = time_round_robin({"": lambda: ours(use_cache=False)}, 1)[""]
-            hf_rate = batch * N / results["HF transformers generate"] if hf is not None else None
-            for name, seconds in results.items():
-                rate = batch * N / seconds
-                versus = f"{rate / hf_rate:.2f}x" if hf_rate else ""
-                rows.append([preset, f"{model.num_parameters() / 1e6:.1f}M", batch, name, f"{rate:,.0f}", versus])
-                print(" | ".join(str(c) for c in rows[-1]), file=sys.stderr)
-
+        rows += preset_rows(preset, args)
     table = markdown_table(["model", "params", "batch", "implementation", "tokens/s", "vs HF"], rows)
     bpb_table = int8_quality(args)
     print(table)
     print()
     print(bpb_table)
     if not args.no_append:
-        notes = (f"Notes: greedy decoding, {P}-token prompt, exactly {N} new tokens per row, random weights "
-                 f"(speed does not depend on them), fp32 on CPU, best of {args.repeats} timed runs taken in turns after a warm-up "
-                 f"(no cache: one run), {args.threads} torch thread(s). The CPU is shared with other engineers' jobs, so figures vary between runs.")
+        notes = (f"Notes: greedy decoding, {args.prompt_tokens}-token prompt, exactly {args.new_tokens} new tokens "
+                 f"per row, random weights (speed does not depend on them), fp32 on CPU, best of {args.repeats} "
+                 f"timed runs taken in turns after a warm-up (no cache: one run), {args.threads} torch thread(s). "
+                 "The CPU is shared with other engineers' jobs, so figures vary between runs.")
         append_results("Generation throughput (benchmarks/generate_throughput.py)",
                        table + "\n\n" + bpb_table + "\n\n" + notes)
     return 0
+
+
+def greedy_run(language_model: LanguageModel, prompts: list[str], new_tokens: int, use_cache: bool = True) -> None:
+    completions = language_model.generate(prompts, max_new_tokens=new_tokens, temperature=0, use_cache=use_cache)
+    assert all(len(c.token_ids) == new_tokens for c in completions)
+
+
+def hf_run(hf, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """HF greedy generate of exactly `new_tokens`; the first row's new tokens."""
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return out[0, ids.shape[1]:].tolist()
+
+
+def preset_rows(preset: str, args: argparse.Namespace) -> list[list[object]]:
+    """The table rows of one preset: every implementation at every batch size, timed in turns."""
+    N = args.new_tokens
+    prompt = "".join(chr(65 + i % 26) for i in range(args.prompt_tokens - 1))  # P-1 tokens after the leading EOT
+    model = random_model(preset)
+    lm = LanguageModel(model, PlainTokenizer(model.config.vocab_size))
+    variants = {"ours (default: static KV cache, compiled step)": lm,
+                "ours, eager step (compile=False)": LanguageModel(model, lm.tokenizer, compile=False),
+                "ours, int8 + KV cache (eager)": LanguageModel(quantize_int8(model), lm.tokenizer)}
+    hf = None
+    if not args.no_hf:
+        hf = to_hf(model)
+        print(f"{preset}: HF logits agree within {check_logits_agree(model, hf):.1e}", file=sys.stderr)
+    rows = []
+    for batch in args.batches:
+        prompts = [prompt] * batch
+        functions = {name: partial(greedy_run, variant, prompts, N) for name, variant in variants.items()}
+        if hf is not None:
+            ids = torch.tensor([[0] + lm.tokenizer.encode(prompt)] * batch)
+            functions["HF transformers generate"] = partial(hf_run, hf, ids, N)
+            # same greedy tokens (a check that the two decode the same model)
+            ours_tokens = lm.generate(prompt, max_new_tokens=N, temperature=0)[0].token_ids
+            agree = sum(a == b for a, b in zip(ours_tokens, hf_run(hf, ids[:1], N)))
+            print(f"{preset} b{batch}: greedy tokens agree with HF on {agree}/{N}", file=sys.stderr)
+        results = time_round_robin(functions, args.repeats)
+        results["ours, no cache"] = time_round_robin({"": partial(greedy_run, lm, prompts, N, False)}, 1)[""]
+        hf_rate = batch * N / results["HF transformers generate"] if hf is not None else None
+        for name, seconds in results.items():
+            rate = batch * N / seconds
+            versus = f"{rate / hf_rate:.2f}x" if hf_rate else ""
+            rows.append([preset, f"{model.num_parameters() / 1e6:.1f}M", batch, name, f"{rate:,.0f}", versus])
+            print(" | ".join(str(c) for c in rows[-1]), file=sys.stderr)
+    return rows
 
 
 def int8_quality(args) -> str:

@@ -58,7 +58,8 @@ MODES = {"batched (--max-batch 16)": 16, "one at a time (--max-batch 1)": 1}
 def build_random_run(directory: Path) -> tuple[Path, str]:
     """A run dir with the `tiny` preset's architecture and random weights. Returns (dir, tokenizer spec)."""
     run_config = RunConfig.from_preset("tiny")
-    valid = Path(os.environ.get("TINYSTORIES_DATA", REPO_ROOT.parent / "shared" / "data" / "tinystories")) / "valid.txt.gz"
+    data = os.environ.get("TINYSTORIES_DATA", REPO_ROOT.parent / "shared" / "data" / "tinystories")
+    valid = Path(data) / "valid.txt.gz"
     if valid.exists():
         from tinystories.data import read_stories
 

@@ -541,8 +541,8 @@ def test_prompts_prefilled_together_decode_as_each_alone(variant):
     prompts = {0: [EOT_ID, 72, 105, 33, 32, 65, 66], 2: [EOT_ID], 3: [EOT_ID, 80, 81]}
     together = DecodeEngine(model, slots=4, compile=False)
     too_long = [EOT_ID] * (model.config.context_length + 1)
-    results = together.start_many([SlotStart(slot, tokens, GREEDY, prompt_logprobs=2) for slot, tokens in prompts.items()]
-                                  + [SlotStart(1, too_long, GREEDY)])
+    starts = [SlotStart(slot, tokens, GREEDY, prompt_logprobs=2) for slot, tokens in prompts.items()]
+    results = together.start_many(starts + [SlotStart(1, too_long, GREEDY)])
     assert isinstance(results[-1], ValueError) and together.active() == [0, 2, 3]  # refused alone
     for (slot, tokens), scored in zip(prompts.items(), results):
         alone = DecodeEngine(model, slots=1, compile=False)

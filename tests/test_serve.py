@@ -285,7 +285,8 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("body,param,code", BAD_REQUESTS, ids=[f"{p}-{c}-{i}" for i, (_, p, c) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize("body,param,code", BAD_REQUESTS,
+                         ids=[f"{p}-{c}-{i}" for i, (_, p, c) in enumerate(BAD_REQUESTS)])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_bad_parameters_are_400(client, fake, body, param, code, stream):
     if stream and "stream" not in body and "stream_options" not in body:
@@ -743,7 +744,8 @@ def test_cli_serve_loads_the_run_and_serves_it(tiny_run, monkeypatch):
     from tinystories.cli import main
 
     served = {}
-    monkeypatch.setattr(tinystories.serve, "serve", lambda lm, name, **options: served.update(lm=lm, name=name, **options))
+    monkeypatch.setattr(tinystories.serve, "serve",
+                        lambda lm, name, **options: served.update(lm=lm, name=name, **options))
     assert main(["serve", str(tiny_run), "--checkpoint", "last", "--port", "8123", "--max-tokens-limit", "50",
                  "--max-batch", "4", "--no-compile"]) == 0
     assert served["name"] == "story-run"

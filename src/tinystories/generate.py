@@ -114,7 +114,9 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
                          torch.full((rows,), config.top_k, dtype=torch.long, device=device),
                          torch.full((rows,), float(config.top_p), device=device),
                          torch.full((rows,), float(config.repetition_penalty), device=device))
-    noise = None if config.greedy else torch.empty_like(logits, dtype=torch.float).exponential_(1.0, generator=generator)
+    noise = None
+    if not config.greedy:
+        noise = torch.empty_like(logits, dtype=torch.float).exponential_(1.0, generator=generator)
     return sample_rows(logits, options, noise, present if config.repetition_penalty != 1.0 else None)
 
 

@@ -234,8 +234,8 @@ async def plain_completion(request: Request, parsed: CompletionRequest, prompts:
     for index in range(parsed.num_choices):
         prompt, completion = prompts[index // parsed.n], finished[index]
         echoed = prompt.text if parsed.echo else ""
-        choices.append({"text": echoed + completion.text, "index": index,
-                        "logprobs": choice_logprobs(tokenizer, parsed, prompt, scored.get(index, []), completion, echoed),
+        logprobs = choice_logprobs(tokenizer, parsed, prompt, scored.get(index, []), completion, echoed)
+        choices.append({"text": echoed + completion.text, "index": index, "logprobs": logprobs,
                         "finish_reason": completion.finish_reason})
         completion_tokens += len(completion.token_ids)
         if index % parsed.n == 0:

@@ -191,7 +191,7 @@ class BatchWorker:
     def _score(self, job: Job) -> None:
         """A max_tokens 0 job: the prompt's log-probs (if asked for), no generation."""
         try:
-            scored = self.language_model.score(job.tokens, job.prompt_logprobs or 0) if job.prompt_logprobs is not None else []
+            scored = [] if job.prompt_logprobs is None else self.language_model.score(job.tokens, job.prompt_logprobs)
         except Exception as error:
             self._fail(job, error)
             return
