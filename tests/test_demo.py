@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -69,8 +70,10 @@ def test_demo_input_and_data_source_exclude_each_other(tmp_path, capsys):
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_demo_passes_the_data_source_through():
     def demo_command(*variables: str) -> str:
-        lines = subprocess.run(["make", "-n", "demo", *variables], cwd=REPO_ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip().splitlines()
+        # Run from inside `make test`, the outer make's flags would add "Entering directory" lines.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        lines = subprocess.run(["make", "--no-print-directory", "-n", "demo", *variables], cwd=REPO_ROOT,
+                               env=env, capture_output=True, text=True, check=True).stdout.strip().splitlines()
         return lines[-1]
 
     assert demo_command().endswith("-m tinystories demo --out out/demo --max-minutes 15")

@@ -21,6 +21,7 @@ expect = sync_api.expect
 
 from serve_fakes import FakeLanguageModel, expected_pieces  # noqa: E402
 
+from tinystories.config import SamplingConfig  # noqa: E402
 from tinystories.serve import BackgroundServer, create_app  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -77,8 +78,10 @@ def test_page_streams_a_story(browser):
         assert "40 tokens" in stats and "tokens/s" in stats and "stopped at max tokens" in stats
 
         # The page asked for what its controls show.
-        assert fake.calls[-1] == ("stream", prompt, {"max_new_tokens": 40, "temperature": 0.8, "top_k": 40,
-                                                     "top_p": 0.95, "repetition_penalty": 1.0, "seed": 5, "stop": ()})
+        started = fake.starts[-1]
+        assert started["prompt"] == prompt and started["seed"] == 5
+        assert started["config"] == SamplingConfig(max_new_tokens=40, temperature=0.8, top_k=40, top_p=0.95,
+                                                   repetition_penalty=1.0, seed=5)
         screenshot_dir = os.environ.get("TINYSTORIES_SCREENSHOT_DIR")
         if screenshot_dir:
             Path(screenshot_dir).mkdir(parents=True, exist_ok=True)
@@ -99,9 +102,9 @@ def test_page_streams_a_story(browser):
         page.click("#generate")
         expect(page.locator("#generate")).to_have_text("Generate")
         deadline = time.monotonic() + 5
-        while not (fake.streams and fake.streams[-1]["finished"]) and time.monotonic() < deadline:
+        while not fake.starts[-1]["released"] and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert fake.streams[-1]["finished"] and fake.streams[-1]["produced"] < 256
+        assert fake.starts[-1]["released"] and fake.starts[-1]["produced"] < 256  # the slot was freed early
         page.close()
 
     assert errors == [] or all("400" in e for e in errors)  # only the deliberate refusal is logged

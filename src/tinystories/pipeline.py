@@ -42,11 +42,14 @@ DEMO_SAMPLING = (
 )
 
 
-def run_demo(options: DemoOptions, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> dict[str, Any]:
-    """Prepare data, train, generate three stories and evaluate. Returns a summary dict."""
+def run_demo(options: DemoOptions, stdout: TextIO | None = None, stderr: TextIO | None = None) -> dict[str, Any]:
+    """Prepare data, train, generate three stories and evaluate. Returns a summary dict.
+
+    `stdout`/`stderr` default to the streams current at the call (not at import: tests swap them)."""
     from tinystories.evaluate import evaluate_generation, evaluate_shards
     from tinystories.generate import load_model
 
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     out = Path(options.out)
     run_config = RunConfig.from_preset(options.preset)
     data_dir = prepare_demo_data(options, out, options.tokenizer or run_config.tokenizer, stderr)
