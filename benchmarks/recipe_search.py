@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from common import append_results, cpu_model, markdown_table  # noqa: E402
 
-TOKENS_PER_STEP = 16 * 256  # tiny's batch: budgets below are in steps of this many tokens
+TOKENS_PER_STEP = 16 * 256  # tiny's batch: the steps quoted for a budget are of this many tokens
 SEARCHES = {  # name -> (preset, training tokens, steps between evaluations)
     "short": ("tiny", 5_600_000, 200),  # 1,380 steps x 16 x 256: 10 minutes on the first search's machine
     "long": ("tiny", 20_600_000, 500),  # 6 passes over the 3.43M-token training split
@@ -71,9 +71,16 @@ def shards() -> Path:
     return out
 
 
+def tokens_per_step(preset: str, name: str) -> int:
+    from tinystories.config import RunConfig, apply_overrides
+
+    run = apply_overrides(RunConfig.from_preset(preset), CANDIDATES[name])
+    return run.train.batch_size * run.model.context_length
+
+
 def command(search: str, name: str, data: Path) -> list[str]:
     preset, tokens, eval_every = SEARCHES[search]
-    steps = round(tokens / TOKENS_PER_STEP)
+    steps = round(tokens / tokens_per_step(preset, name))  # the same tokens whatever the candidate's batch
     overrides = [item for override in CANDIDATES[name] for item in ("--set", override)]
     return [sys.executable, "-m", "tinystories", "train", "--preset", preset, "--data", str(data),
             "--out", str(run_dir(search, name)), "--max-steps", str(steps), "--eval-every", str(eval_every),
@@ -169,7 +176,7 @@ def main() -> None:
     body = table(args.search, {name: done[name] for name in names if name in done})
     preset, tokens, eval_every = SEARCHES[args.search]
     notes = (f"\n\n{preset} preset, {tokens / 1e6:.1f}M training tokens each ({round(tokens / TOKENS_PER_STEP)} "
-             f"steps of 16 x 256), evaluated every {eval_every} steps; val bpb of the best checkpoint on the whole "
+             f"steps of 16 x 256; a candidate with another batch size takes the steps that make the same tokens), evaluated every {eval_every} steps; val bpb of the best checkpoint on the whole "
              f"validation split (1,332 stories), best first. One thread per run, {args.lanes} side by side.")
     print(body + notes)
     if not args.no_append:

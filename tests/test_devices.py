@@ -29,3 +29,28 @@ def test_explicit_devices_and_their_errors(monkeypatch):
     for bad in ("gpu", "cuda:x", "xla"):
         with pytest.raises(UserError, match="expected auto, cpu, cuda, cuda:N or mps"):
             parse_device(bad)
+
+
+def _environment_after_import(**variables: str) -> dict:
+    """os.environ's OpenMP wait variables as a fresh `import tinystories` leaves them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tinystories import OPENMP_WAIT_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_WAIT_VARIABLES}
+    env.update(variables)
+    code = ("import json, os, tinystories, torch; "
+            f"print(json.dumps({{k: os.environ.get(k) for k in {OPENMP_WAIT_VARIABLES!r}}}))")
+    output = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(output.stdout)
+
+
+def test_importing_the_package_shortens_openmp_spinning_unless_the_user_chose():
+    assert _environment_after_import() == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": None}
+    # Any wait variable of the user's wins, and nothing is added beside it.
+    assert _environment_after_import(OMP_WAIT_POLICY="ACTIVE") == {
+        "OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None, "KMP_BLOCKTIME": None}
+    assert _environment_after_import(GOMP_SPINCOUNT="300000")["GOMP_SPINCOUNT"] == "300000"
