@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ MAX_CHOICES = 16  # prompts x n in one request
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_TEMPERATURE = 2.0  # as OpenAI
 MAX_SEED = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # the decode engine holds per-row options as float32
 
 _OPENAI_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
@@ -212,13 +214,16 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return _boolean(options, "include_usage", False)
 
 
-def _sampling(body: dict, max_tokens: int) -> SamplingConfig:
-    """The library's SamplingConfig from the request: its rules decide what is valid."""
+def _sampling(body: dict, max_tokens: int, vocab_size: int) -> SamplingConfig:
+    """The library's SamplingConfig from the request: its rules decide what is valid, once the values
+    are ones the engine can hold (its per-row options are int64 / float32 tensors)."""
+    top_k = _integer(body, "top_k", 0)
     try:
         return SamplingConfig(
             max_new_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, MAX_TEMPERATURE),
-            top_k=_integer(body, "top_k", 0), top_p=_number(body, "top_p", 1.0),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0),
+            top_k=min(top_k, vocab_size),  # k beyond the vocabulary keeps every token, as k = vocab_size does
+            top_p=_number(body, "top_p", 1.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, FLOAT32_MAX),
             seed=_integer(body, "seed", None, 0, MAX_SEED), stop=_stop(body))
     except SamplingError as error:
         field = str(error).split()[0]
@@ -241,13 +246,35 @@ def parse_completion_request(body: Any, model_name: str, max_tokens_limit: int, 
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     max_tokens = _integer(body, "max_tokens", min(OPENAI_DEFAULT_MAX_TOKENS, max_tokens_limit), 0 if echo else 1,
                           max_tokens_limit, " (this server's max_tokens limit)")
-    sampling = _sampling(body, max(max_tokens, 1))
+    sampling = _sampling(body, max(max_tokens, 1), vocab_size)
     return CompletionRequest(prompts=prompts, sampling=sampling if max_tokens else None, n=n, stream=stream,
                              include_usage=_stream_options(body, stream), echo=echo, logprobs=logprobs)
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# A JSON string may spell a UTF-16 surrogate ("\\ud800"); alone it is no Unicode text, and any answer
+# that repeats it (an echo, an error naming a field) could not be encoded as UTF-8.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 async def read_json_body(request: Request, max_body_bytes: int) -> Any:
@@ -269,8 +296,13 @@ async def read_json_body(request: Request, max_body_bytes: int) -> Any:
         if len(body) > max_body_bytes:
             raise too_large
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        text = body.decode("utf-8")
+        decoded = json.loads(text, parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise APIError(400, "request body is not valid UTF-8", code="invalid_json") from None
     except (ValueError, RecursionError) as error:
         raise APIError(400, f"request body is not valid JSON ({error})", code="invalid_json") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(decoded):  # pairs (emoji) are fine
+        raise APIError(400, "request body has a string with an unpaired UTF-16 surrogate escape (like \\ud800): "
+                            "not Unicode text", code="invalid_json")
+    return decoded

@@ -213,6 +213,8 @@ class BatchWorker:
             return
         for (slot, job), result in zip(joining, results):
             if isinstance(result, Exception):  # a refused prompt (UserError) or a bug: this job alone fails
+                if slot in engine.active():  # refused half-way in: the slot must not decode for nobody
+                    engine.release(slot)
                 self._fail(job, result)
                 continue
             self._send(job, ("prompt", job.index, result))
