@@ -9,11 +9,12 @@ intervals after compilation) and how much the busy process costs.
     python benchmarks/contention.py                       # every setting, 2 rounds
     python benchmarks/contention.py --settings default,passive --rounds 1 --no-append
 
-Settings: 'default' sets nothing (what a user gets: the package sets GOMP_SPINCOUNT=10000 before torch
-loads unless the user chose a wait policy; see tinystories/__init__.py), 'spin' is libgomp's own default
-(GOMP_SPINCOUNT=300000: spin ~0.1-1 ms before sleeping; the package's behaviour before), 'passive'
-OMP_WAIT_POLICY=PASSIVE (sleep at once), 'spin1k' GOMP_SPINCOUNT=1000, '1thread' OMP_NUM_THREADS=1 with
-libgomp's spinning. Settings and conditions take turns within each round; the best round counts.
+Settings: 'default' sets nothing: what a user gets (the package picks the training threads from the
+cores no other program is keeping busy, and sets GOMP_SPINCOUNT=10000 before torch loads; see
+devices.use_free_cores and tinystories/__init__.py); 'before' is the package before that: every core,
+libgomp's own spinning (GOMP_SPINCOUNT=300000, ~0.1-1 ms before a waiting thread sleeps); 'passive' every
+core with OMP_WAIT_POLICY=PASSIVE (sleep at once); '1thread' OMP_NUM_THREADS=1. Settings and conditions
+take turns within each round; the best round counts.
 """
 
 from __future__ import annotations
@@ -37,15 +38,16 @@ from common import append_results, load_average, markdown_table  # noqa: E402
 sys.path.insert(0, str(REPO / "src"))
 from tinystories import DEFAULT_OPENMP_WAIT  # noqa: E402  (importing it sets nothing the runs inherit)
 
-PACKAGE_DEFAULT = "(nothing set; the package sets " + " ".join(f"{k}={v}" for k, v in DEFAULT_OPENMP_WAIT.items()) + ")"
+PACKAGE_DEFAULT = ("(nothing set: threads = free cores; the package sets "
+                   + " ".join(f"{k}={v}" for k, v in DEFAULT_OPENMP_WAIT.items()) + ")")
 
 THREADING_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "KMP_BLOCKTIME")
+ALL_CORES = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 SETTINGS = {
     "default": {},
-    "spin": {"GOMP_SPINCOUNT": "300000"},
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "spin1k": {"GOMP_SPINCOUNT": "1000"},
-    "1thread": {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "300000"},
+    "before": {"OMP_NUM_THREADS": ALL_CORES, "GOMP_SPINCOUNT": "300000"},
+    "passive": {"OMP_NUM_THREADS": ALL_CORES, "OMP_WAIT_POLICY": "PASSIVE"},
+    "1thread": {"OMP_NUM_THREADS": "1"},
 }
 BUSY_LOOP = "while True: pass"
 

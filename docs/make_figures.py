@@ -16,7 +16,8 @@ Figures (PNG, dpi 100 or less, each well under 100 KB):
   training-loss.png        train/val loss and gradient norm from the run's metrics.jsonl (runlog.plot_metrics)
 
 The tables (--tables) are text: how the run's tokenizer splits sentences, the parameter breakdown of
-every preset, sample stories per sampling setting, and a torch.profiler profile of a few training steps.
+every preset and sample stories per sampling setting. (The training step's profile is
+benchmarks/step_profile.py's.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -175,44 +175,6 @@ def table_samples(lm: LanguageModel, max_new_tokens: int = 60) -> str:
     return "\n\n".join(blocks)
 
 
-def table_profile(preset: str = "tiny", steps: int = 3, batch_size: int = 16, rows: int = 12) -> str:
-    """torch.profiler over `steps` AdamW training steps of `preset` on random tokens (one warm-up step first)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from tinystories.model import GPT
-
-    torch.manual_seed(0)
-    config = get_preset(preset).model
-    model = GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    batch = torch.randint(0, config.vocab_size, (batch_size, config.context_length + 1))
-
-    def step() -> None:
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # warm-up: allocator and kernel selection
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        for _ in range(steps):
-            step()
-    seconds = (time.perf_counter() - start) / steps
-    tokens = batch_size * config.context_length
-    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    lines = [f"{steps} steps of `{preset}` (batch {batch_size} x {config.context_length}), eager, "
-             f"{torch.get_num_threads()} thread(s): {seconds:.2f} s/step under the profiler, "
-             f"{tokens / seconds:,.0f} tokens/s", "",
-             "| op | calls | self CPU ms / step | share |", "|---|---:|---:|---:|"]
-    for event in events[:rows]:
-        lines.append(f"| `{event.key}` | {event.count // steps} | {event.self_cpu_time_total / 1000 / steps:.1f} | "
-                     f"{100 * event.self_cpu_time_total / total:.1f}% |")
-    return "\n".join(lines)
-
-
 def table_vocab_sizes(data: str | Path, train_stories: int = 5000, d_model: int = 128) -> str:
     """Validation tokens per vocabulary: BPEs trained on the first `train_stories` training stories,
     plus bytes and GPT-2 (when $TINYSTORIES_GPT2_DIR or ../shared/data/gpt2 has its files)."""
@@ -252,7 +214,6 @@ def tables(run: str | Path, data: str | Path | None = None) -> str:
         "## Tokenization\n" + table_tokenization(lm, sentences),
         "## Parameters per preset\n" + table_presets(),
         "## Samples\n" + table_samples(lm),
-        "## Profile\n" + table_profile(),
         *(["## Vocabulary sizes\n" + table_vocab_sizes(data)] if data else []),
     ])
 

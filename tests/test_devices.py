@@ -54,3 +54,38 @@ def test_importing_the_package_shortens_openmp_spinning_unless_the_user_chose():
     assert _environment_after_import(OMP_WAIT_POLICY="ACTIVE") == {
         "OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None, "KMP_BLOCKTIME": None}
     assert _environment_after_import(GOMP_SPINCOUNT="300000")["GOMP_SPINCOUNT"] == "300000"
+
+
+def test_training_threads_are_the_cores_nobody_else_is_using(monkeypatch):
+    from tinystories import devices
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(devices, "usable_cores", lambda: 4)
+    try:
+        for busy, expected in ((0.0, 4), (0.3, 4), (0.9, 3), (1.2, 3), (2.0, 2), (9.0, 1)):
+            monkeypatch.setattr(devices, "cores_busy_elsewhere", lambda busy=busy: busy)
+            assert devices.use_free_cores(torch.device("cpu")) == expected == torch.get_num_threads(), busy
+        assert devices.use_free_cores(torch.device("cpu"), saved_threads=2) == 2  # a resumed run's own count
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert devices.use_free_cores(torch.device("cpu"), saved_threads=2) == 3  # the user's choice wins
+        assert devices.use_free_cores(torch.device("meta")) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_busy_program_is_seen_on_the_cores():
+    import subprocess
+    import sys
+
+    from tinystories.devices import cores_busy_elsewhere
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)  # let it start
+        assert cores_busy_elsewhere(0.5) >= 0.6  # one busy loop: about one core
+    finally:
+        spinner.kill()
+        spinner.wait()

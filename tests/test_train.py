@@ -512,3 +512,23 @@ def test_kill_during_checkpoint_save_leaves_a_loadable_checkpoint(tmp_path):
         value = float(weights["weight"][0, 0])
         assert (weights["weight"] == value).all() and (weights["bias"] == value).all()
         assert load_training_state(directory)["i"] == int(value)  # weights and state from the same save
+
+
+def test_threads_come_from_the_free_cores_and_a_resume_keeps_them(prepared_small, tmp_path, monkeypatch, capsys):
+    """With another program on one of two cores a run trains on one thread, says so and saves the count;
+    resumed on a quiet machine it keeps that count (and so repeats the straight run)."""
+    from tinystories import devices
+
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(devices, "usable_cores", lambda: 2)
+    monkeypatch.setattr(train_setup, "usable_cores", lambda: 2)
+    monkeypatch.setattr(devices, "cores_busy_elsewhere", lambda: 1.0)
+    run_dir = tmp_path / "run"
+    train(tiny_run(prepared_small, "max_steps=3"), run_dir, progress=False)
+    assert "training on 1 of 2 CPU threads" in capsys.readouterr().err
+    assert load_training_state(run_dir / "checkpoints" / "last")["loop"]["threads"] == 1
+
+    monkeypatch.setattr(devices, "cores_busy_elsewhere", lambda: 0.0)
+    train(tiny_run(prepared_small, "max_steps=5"), run_dir, progress=False, resume=True)
+    assert torch.get_num_threads() == 1 and "CPU threads" not in capsys.readouterr().err
+    assert load_training_state(run_dir / "checkpoints" / "last")["loop"]["threads"] == 1

@@ -3,7 +3,7 @@
     parse_device("auto")    -> cuda if available, else mps if available, else cpu
     parse_device("cuda:1")  -> that device, or a one-line UserError if this machine has no CUDA
     peak_flops(device)      -> the FLOP/s that MFU is measured against (one stable figure per machine)
-    autocast_dtype, autocast, to_device, use_all_cores: how training runs on the device it got
+    autocast_dtype, autocast, to_device, use_free_cores: how training runs on the device it got
 
 One parser for every command (train, generate, eval, serve, export).
 """
@@ -79,14 +79,57 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def use_all_cores(device: torch.device) -> None:
-    """Every core, unless the user pinned a count the usual way (OMP_NUM_THREADS); TF32 matmuls on CUDA."""
-    if device.type == "cpu":
-        threads = os.environ.get("OMP_NUM_THREADS", "")
-        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else os.cpu_count() or 1)
+def use_free_cores(device: torch.device, saved_threads: int | None = None) -> int | None:
+    """Set torch's CPU thread count for training and return it (None off the CPU; TF32 matmuls on CUDA).
+
+    OMP_NUM_THREADS, if the user set it, wins; then the count a resumed run trained with (so it repeats
+    the uninterrupted run bit for bit); else every core that no other program is keeping busy. On a
+    2-core laptop with one core taken, 2 threads train at half speed (the thread sharing a core holds
+    up every parallel region), 1 thread at ~95% of its quiet speed (benchmarks/contention.py)."""
     if device.type == "cuda":  # tensor cores for the fp32 matmuls that remain outside bf16 autocast
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device.type != "cpu":
+        return None
+    threads = pinned_threads() or saved_threads or max(1, usable_cores() - round(cores_busy_elsewhere() - 0.1))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def pinned_threads() -> int | None:
+    """The thread count the user chose the usual way (OMP_NUM_THREADS), or None."""
+    pinned = os.environ.get("OMP_NUM_THREADS", "")
+    return int(pinned) if pinned.isdigit() and int(pinned) > 0 else None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cores_busy_elsewhere(seconds: float = 0.3) -> float:
+    """Cores kept busy by other programs over a short look: the machine's busy time (Linux /proc/stat)
+    less this process's own, per second of wall time. 0.0 where /proc/stat cannot be read."""
+    first, own_first, started = _busy_core_seconds(), time.process_time(), time.perf_counter()
+    if first is None:
+        return 0.0
+    time.sleep(seconds)
+    last, own_last, elapsed = _busy_core_seconds(), time.process_time(), time.perf_counter() - started
+    if last is None:
+        return 0.0
+    return max(0.0, ((last - first) - (own_last - own_first)) / elapsed)
+
+
+def _busy_core_seconds() -> float | None:
+    """Core-seconds the machine has spent not idle since boot (/proc/stat's first line), or None."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ class LoopState:
     interval_steps: int = 0  # ... over this many steps, so the first log after a resume averages the same steps
     global_batch: int | None = None  # sequences per step when saved (batch_size x grad_accum x ranks)
     world_size: int = 1
+    threads: int | None = None  # CPU threads it trains with: a resume keeps them, so it repeats the run exactly
     rng: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one per rank, rank 0 first
 
     def record_eval(self, val_loss: float) -> bool:
