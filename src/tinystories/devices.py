@@ -79,21 +79,27 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def use_free_cores(device: torch.device, saved_threads: int | None = None) -> int | None:
+def use_free_cores(device: torch.device, saved_threads: int | None = None, free: int | None = None) -> int | None:
     """Set torch's CPU thread count for training and return it (None off the CPU; TF32 matmuls on CUDA).
 
     OMP_NUM_THREADS, if the user set it, wins; then the count a resumed run trained with (so it repeats
     the uninterrupted run bit for bit); else every core that no other program is keeping busy. On a
     2-core laptop with one core taken, 2 threads train at half speed (the thread sharing a core holds
-    up every parallel region), 1 thread at ~95% of its quiet speed (benchmarks/contention.py)."""
+    up every parallel region), 1 thread at ~95% of its quiet speed (benchmarks/contention.py).
+    `free`: free_cores() as measured earlier (before torch.compile starts its busy compile workers)."""
     if device.type == "cuda":  # tensor cores for the fp32 matmuls that remain outside bf16 autocast
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if device.type != "cpu":
         return None
-    threads = pinned_threads() or saved_threads or max(1, usable_cores() - round(cores_busy_elsewhere() - 0.1))
+    threads = pinned_threads() or saved_threads or free or free_cores()
     torch.set_num_threads(threads)
     return threads
+
+
+def free_cores() -> int:
+    """Usable cores less those other programs keep busy (a core counts from ~0.6 busy), at least 1."""
+    return max(1, usable_cores() - round(cores_busy_elsewhere() - 0.1))
 
 
 def pinned_threads() -> int | None:

@@ -26,7 +26,8 @@ from tinystories.batching import Shards, check_same_tokenizer, open_shards
 from tinystories.checkpoint import (EMA_FILE, CheckpointError, check_same_save, checkpoint_dir, load_run_config,
                                     load_training_state, load_weights, load_weights_into, resolve_checkpoint)
 from tinystories.config import ModelConfig, RunConfig, TrainConfig
-from tinystories.devices import autocast_dtype, peak_flops, pinned_threads, usable_cores, use_free_cores
+from tinystories.devices import (autocast_dtype, free_cores, peak_flops, pinned_threads, usable_cores,
+                                 use_free_cores)
 from tinystories.errors import UserError
 from tinystories.optim import Optimizers, WeightEMA, build_optimizer
 from tinystories.runlog import PendingLosses, RunLog
@@ -109,6 +110,8 @@ def build_run(run_config: RunConfig, out_dir: Path, resuming: bool, init_from, p
               ddp: distributed.Distributed) -> Run:
     """Model, optimizer, batches, weight average, loop state and log, resumed from checkpoints/last if asked."""
     config, device = run_config.train, ddp.device
+    # Looked at first: torch.compile's compile workers would count as another program's load.
+    free = free_cores() if device.type == "cpu" and pinned_threads() is None else None
     model, state = starting_point(run_config, out_dir, resuming, init_from, ddp)
     if init_from is not None:
         run_config = dataclasses.replace(run_config, init_from=str(init_from))
@@ -125,7 +128,7 @@ def build_run(run_config: RunConfig, out_dir: Path, resuming: bool, init_from, p
               peak_flops(device) if ddp.is_main else None)
     if state is not None:
         resume(run, state)
-    choose_threads(run)  # before the first step: compiled kernels keep the count they were built for
+    choose_threads(run, free)  # before the first step: compiled kernels keep the count they were built for
     if ddp.is_main:
         run.log = open_run_directory(run, progress)
     if state is not None:
@@ -134,10 +137,10 @@ def build_run(run_config: RunConfig, out_dir: Path, resuming: bool, init_from, p
     return run
 
 
-def choose_threads(run: Run) -> None:
-    """CPU threads: OMP_NUM_THREADS, else a resumed run's own count, else the cores free now (said when fewer)."""
+def choose_threads(run: Run, free: int | None) -> None:
+    """CPU threads: OMP_NUM_THREADS, else a resumed run's own count, else the `free` cores (said when fewer)."""
     saved = run.loop.threads
-    run.loop.threads = use_free_cores(run.ddp.device, saved)
+    run.loop.threads = use_free_cores(run.ddp.device, saved, free)
     chosen = saved is None and pinned_threads() is None and run.loop.threads is not None
     if run.ddp.is_main and chosen and run.loop.threads < usable_cores():
         print(f"tinystories: training on {run.loop.threads} of {usable_cores()} CPU threads: other programs are "
