@@ -124,6 +124,8 @@ def test_sampling_follows_the_filtered_distribution():
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(stop=("",)), "stop"),
+    (dict(repetition_penalty=1e300), "repetition_penalty .*float32"),  # the engine holds it as float32
+    (dict(temperature=1e39), "temperature .*float32"),
 ])
 def test_sampling_config_rejects_bad_values(options, message):
     with pytest.raises(SamplingError, match=message):
@@ -559,3 +561,25 @@ def test_prompts_prefilled_together_decode_as_each_alone(variant):
         for _ in range(25):
             alone.advance({0: alone.sample()[0][0]})
         assert together.windows[slot] == alone.windows[0]
+
+
+def test_top_k_beyond_the_vocabulary_is_the_whole_vocabulary():
+    """k >= V keeps every token: the same samples as top_k off, even for a k no int64 holds."""
+    lm = eager(random_model())
+    off = lm.generate("Hi", max_new_tokens=12, seed=3, temperature=1.0)[0].token_ids
+    for k in (lm.model.config.vocab_size, 10**30):
+        assert lm.generate("Hi", max_new_tokens=12, seed=3, temperature=1.0, top_k=k)[0].token_ids == off
+
+
+def test_a_refused_start_leaves_its_slot_free_and_the_others_running():
+    from tinystories.decoding import DecodeEngine, SlotStart
+
+    lm = eager(random_model())
+    engine = DecodeEngine(lm.model, 2, compile=False)
+    good = SlotStart(0, [1, 2, 3], SamplingConfig(temperature=0), None, None, None)
+    bad = SlotStart(1, [1, 2], SamplingConfig(temperature=0), None, None, None)
+    bad.config.temperature = 1e39  # past validation: what a caller mutating a config could hand the engine
+    results = engine.start_many([good, bad])
+    assert results[0] == [] and isinstance(results[1], Exception)
+    assert engine.free_slots() == [1] and set(engine.sample()) == {0}
+    assert engine.start_many([bad]) and engine.free_slots() == [1]  # alone: refused, nothing prefilled

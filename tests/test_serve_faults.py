@@ -105,7 +105,8 @@ def test_a_start_refused_half_way_frees_its_slot(tiny):
 
     worker = BatchWorker(tiny, slots=4, max_pending=8)
     good = SamplingConfig(max_new_tokens=20, temperature=0)
-    unrepresentable = SamplingConfig(max_new_tokens=3, temperature=1.0, top_k=10**30)  # not int64
+    unrepresentable = SamplingConfig(max_new_tokens=3, temperature=1.0)
+    unrepresentable.temperature = 1e39  # set past validation: no float32 holds it, so the engine refuses
     for index, config in enumerate([good, unrepresentable, good]):
         worker.submit(Job(index, tiny.encode_prompt("Tom"), config, emit=emit, loop=None))
     worker.open()  # after the submissions: all three are collected in its first round

@@ -503,6 +503,9 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the decode engine holds per-row sampling options as float32
+
+
 @dataclass
 class SamplingConfig:
     """How to pick each next token and when to stop: the one place sampling defaults and limits live
@@ -529,12 +532,12 @@ class SamplingConfig:
         for valid, message in (
             (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
              f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"),
-            (_is_finite_number(self.temperature) and self.temperature >= 0,
-             f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}"),
+            (_is_finite_number(self.temperature) and 0 <= self.temperature <= FLOAT32_MAX,
+             f"temperature must be >= 0 (0 = greedy) and fit a float32, got {self.temperature!r}"),
             (_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
             (_is_finite_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (_is_finite_number(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"),
+            (_is_finite_number(self.repetition_penalty) and 0 < self.repetition_penalty <= FLOAT32_MAX,
+             f"repetition_penalty must be > 0 (1 = off) and fit a float32, got {self.repetition_penalty!r}"),
             (self.seed is None or _is_int(self.seed), f"seed must be an integer or None, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty strings, got {self.stop!r}"),
         ):

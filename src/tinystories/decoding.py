@@ -377,13 +377,14 @@ class DecodeEngine:
             raise RuntimeError(f"slot {slot} is busy")
         if not 1 <= len(tokens) <= self.context_length:
             raise ValueError(f"a slot holds 1..{self.context_length} tokens, got {len(tokens)}")
+        # The options first: a value the tensors cannot hold raises before the slot counts as taken.
+        self.options.temperature[slot] = config.temperature
+        self.options.top_k[slot] = min(config.top_k, self.logits.shape[-1])  # k >= V keeps every token anyway
+        self.options.top_p[slot] = config.top_p
+        self.options.penalty[slot] = config.repetition_penalty
         self.windows[slot] = list(tokens)
         self.configs[slot] = config
         self.generators[slot] = None if config.greedy else make_generator(request.seed, self.device)
-        self.options.temperature[slot] = config.temperature
-        self.options.top_k[slot] = config.top_k
-        self.options.top_p[slot] = config.top_p
-        self.options.penalty[slot] = config.repetition_penalty
         self.present[slot] = False
         content = [t for t in tokens if t != request.exclude_from_penalty]
         if content:
@@ -464,7 +465,7 @@ class DecodeEngine:
     def _prefill_together(self, slots: list[int]) -> dict[int, torch.Tensor]:
         """Prefill several slots' windows in one forward: right-padded to the longest, so under causal
         attention no real token sees a pad; each row's keys/values are then copied into its slot."""
-        if self.cache is None or len(slots) == 1:
+        if self.cache is None or len(slots) <= 1:  # none: every start was refused
             return {slot: self._prefill(slot) for slot in slots}
         windows = [self.windows[slot] for slot in slots]
         width = max(len(window) for window in windows)

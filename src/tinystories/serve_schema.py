@@ -23,7 +23,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tinystories.config import SamplingConfig, SamplingError
+from tinystories.config import FLOAT32_MAX, SamplingConfig, SamplingError
 from tinystories.decoding import MAX_LOGPROBS
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (the library's is SamplingConfig's)
@@ -31,7 +31,6 @@ MAX_CHOICES = 16  # prompts x n in one request
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_TEMPERATURE = 2.0  # as OpenAI
 MAX_SEED = 2**63 - 1
-FLOAT32_MAX = 3.4028234663852886e38  # the decode engine holds per-row options as float32
 
 _OPENAI_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
