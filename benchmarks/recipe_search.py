@@ -55,6 +55,7 @@ CANDIDATES: dict[str, list[str]] = {
     "batch8": ["batch_size=8"],  # the same tokens in twice the updates
     "minlr0": ["min_lr_ratio=0.0"],
     "muonlr0.03": ["muon_lr=0.03"],
+    "epochs+ema0.99": ["batching=epochs", "ema_decay=0.99"],  # the two that won alone, together
 }
 
 
