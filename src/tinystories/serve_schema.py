@@ -23,7 +23,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tinystories.config import FLOAT32_MAX, SamplingConfig, SamplingError
+from tinystories.config import SamplingConfig, SamplingError
 from tinystories.decoding import MAX_LOGPROBS
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (the library's is SamplingConfig's)
@@ -213,16 +213,14 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return _boolean(options, "include_usage", False)
 
 
-def _sampling(body: dict, max_tokens: int, vocab_size: int) -> SamplingConfig:
-    """The library's SamplingConfig from the request: its rules decide what is valid, once the values
-    are ones the engine can hold (its per-row options are int64 / float32 tensors)."""
-    top_k = _integer(body, "top_k", 0)
+def _sampling(body: dict, max_tokens: int) -> SamplingConfig:
+    """The library's SamplingConfig from the request: its rules decide what is valid (including what the
+    engine's int64 / float32 option tensors can hold; it treats a top_k beyond the vocabulary as all)."""
     try:
         return SamplingConfig(
             max_new_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, MAX_TEMPERATURE),
-            top_k=min(top_k, vocab_size),  # k beyond the vocabulary keeps every token, as k = vocab_size does
-            top_p=_number(body, "top_p", 1.0),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, FLOAT32_MAX),
+            top_k=_integer(body, "top_k", 0), top_p=_number(body, "top_p", 1.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0),
             seed=_integer(body, "seed", None, 0, MAX_SEED), stop=_stop(body))
     except SamplingError as error:
         field = str(error).split()[0]
@@ -245,7 +243,7 @@ def parse_completion_request(body: Any, model_name: str, max_tokens_limit: int, 
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     max_tokens = _integer(body, "max_tokens", min(OPENAI_DEFAULT_MAX_TOKENS, max_tokens_limit), 0 if echo else 1,
                           max_tokens_limit, " (this server's max_tokens limit)")
-    sampling = _sampling(body, max(max_tokens, 1), vocab_size)
+    sampling = _sampling(body, max(max_tokens, 1))
     return CompletionRequest(prompts=prompts, sampling=sampling if max_tokens else None, n=n, stream=stream,
                              include_usage=_stream_options(body, stream), echo=echo, logprobs=logprobs)
 

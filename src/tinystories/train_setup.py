@@ -110,8 +110,9 @@ def build_run(run_config: RunConfig, out_dir: Path, resuming: bool, init_from, p
               ddp: distributed.Distributed) -> Run:
     """Model, optimizer, batches, weight average, loop state and log, resumed from checkpoints/last if asked."""
     config, device = run_config.train, ddp.device
-    # Looked at first: torch.compile's compile workers would count as another program's load.
-    free = free_cores() if device.type == "cpu" and pinned_threads() is None else None
+    # Looked at first: torch.compile's compile workers would count as another program's load. A resume
+    # keeps its saved count instead (a checkpoint from before the count was saved looks later).
+    free = free_cores() if device.type == "cpu" and pinned_threads() is None and not resuming else None
     model, state = starting_point(run_config, out_dir, resuming, init_from, ddp)
     if init_from is not None:
         run_config = dataclasses.replace(run_config, init_from=str(init_from))
