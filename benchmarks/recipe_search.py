@@ -38,7 +38,7 @@ SEARCHES = {  # name -> (preset, training tokens, steps between evaluations)
     "long": ("tiny", 20_600_000, 500),  # 6 passes over the 3.43M-token training split
 }
 # name -> overrides on the preset. The first search (minutes, not tokens) made muon + lr 6e-3 tiny's
-# default, so 'base' is today's preset; every other candidate changes one or two things.
+# default, so 'base' is today's preset; every other candidate changes a few things.
 CANDIDATES: dict[str, list[str]] = {
     "base": [],
     "ema0.99": ["ema_decay=0.99"],
@@ -56,6 +56,10 @@ CANDIDATES: dict[str, list[str]] = {
     "minlr0": ["min_lr_ratio=0.0"],
     "muonlr0.03": ["muon_lr=0.03"],
     "epochs+ema0.99": ["batching=epochs", "ema_decay=0.99"],  # the two that won alone, together
+    # the short search's winners together, then with twice the updates for the same tokens
+    "epochs+ema0.99+wd0.3": ["batching=epochs", "ema_decay=0.99", "weight_decay=0.3"],
+    "epochs+ema0.99+batch8": ["batching=epochs", "ema_decay=0.99", "batch_size=8"],
+    "epochs+ema0.99+wd0.3+batch8": ["batching=epochs", "ema_decay=0.99", "weight_decay=0.3", "batch_size=8"],
 }
 
 
