@@ -60,6 +60,10 @@ CANDIDATES: dict[str, list[str]] = {
     "epochs+ema0.99+wd0.3": ["batching=epochs", "ema_decay=0.99", "weight_decay=0.3"],
     "epochs+ema0.99+batch8": ["batching=epochs", "ema_decay=0.99", "batch_size=8"],
     "epochs+ema0.99+wd0.3+batch8": ["batching=epochs", "ema_decay=0.99", "weight_decay=0.3", "batch_size=8"],
+    # stronger decay (small data repeats: Kim et al. 2025), and an untied head (0.5M parameters, no FLOPs)
+    "epochs+ema0.99+wd1": ["batching=epochs", "ema_decay=0.99", "weight_decay=1.0"],
+    "epochs+ema0.99+wd0.3+untied": ["batching=epochs", "ema_decay=0.99", "weight_decay=0.3",
+                                    "tie_embeddings=false"],
 }
 
 
