@@ -37,8 +37,11 @@ SEARCHES = {  # name -> (preset, training tokens, steps between evaluations)
     "short": ("tiny", 5_600_000, 200),  # 1,380 steps x 16 x 256: 10 minutes on the first search's machine
     "long": ("tiny", 20_600_000, 500),  # 6 passes over the 3.43M-token training split
 }
-# name -> overrides on the preset. The first search (minutes, not tokens) made muon + lr 6e-3 tiny's
-# default, so 'base' is today's preset; every other candidate changes a few things.
+# Every candidate starts from tiny's recipe as the short search found it (the first search, in minutes,
+# had made muon + lr 6e-3 its default), so each name keeps meaning what it meant; the short search's
+# winner, epochs+ema0.99+wd1, has been tiny's default since.
+BEFORE_SHORT_SEARCH = ["batching=windows", "weight_decay=0.1", "ema_decay=None"]
+# name -> overrides on the preset after BEFORE_SHORT_SEARCH; 'base' is that recipe itself.
 CANDIDATES: dict[str, list[str]] = {
     "base": [],
     "ema0.99": ["ema_decay=0.99"],
@@ -64,6 +67,10 @@ CANDIDATES: dict[str, list[str]] = {
     "epochs+ema0.99+wd1": ["batching=epochs", "ema_decay=0.99", "weight_decay=1.0"],
     "epochs+ema0.99+wd0.3+untied": ["batching=epochs", "ema_decay=0.99", "weight_decay=0.3",
                                     "tie_embeddings=false"],
+    # towards 0.85: still stronger decay, and decay on the (tied) embedding too
+    "epochs+ema0.99+wd3": ["batching=epochs", "ema_decay=0.99", "weight_decay=3.0"],
+    "epochs+ema0.99+wd1+embwd0.3": ["batching=epochs", "ema_decay=0.99", "weight_decay=1.0",
+                                    "embedding_weight_decay=0.3"],
 }
 
 
@@ -83,14 +90,14 @@ def shards() -> Path:
 def tokens_per_step(preset: str, name: str) -> int:
     from tinystories.config import RunConfig, apply_overrides
 
-    run = apply_overrides(RunConfig.from_preset(preset), CANDIDATES[name])
+    run = apply_overrides(RunConfig.from_preset(preset), BEFORE_SHORT_SEARCH + CANDIDATES[name])
     return run.train.batch_size * run.model.context_length
 
 
 def command(search: str, name: str, data: Path) -> list[str]:
     preset, tokens, eval_every = SEARCHES[search]
     steps = round(tokens / tokens_per_step(preset, name))  # the same tokens whatever the candidate's batch
-    overrides = [item for override in CANDIDATES[name] for item in ("--set", override)]
+    overrides = [item for override in BEFORE_SHORT_SEARCH + CANDIDATES[name] for item in ("--set", override)]
     return [sys.executable, "-m", "tinystories", "train", "--preset", preset, "--data", str(data),
             "--out", str(run_dir(search, name)), "--max-steps", str(steps), "--eval-every", str(eval_every),
             "--device", "cpu", "--no-progress", *overrides]
@@ -99,7 +106,7 @@ def command(search: str, name: str, data: Path) -> list[str]:
 def start(search: str, name: str, data: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT / "src"))
     log = open(run_dir(search, name).parent / f"{name}.log", "ab")
-    print(f"--- {search}/{name}: {' '.join(CANDIDATES[name]) or '(preset)'}", file=sys.stderr, flush=True)
+    print(f"--- {search}/{name}: {' '.join(CANDIDATES[name]) or '(the recipe before)'}", file=sys.stderr, flush=True)
     return subprocess.Popen(command(search, name, data), env=env, stdout=log, stderr=log)
 
 
@@ -161,7 +168,7 @@ def run_search(search: str, names: list[str], lanes: int, results: Path) -> dict
 
 def table(search: str, done: dict[str, dict]) -> str:
     preset, tokens, _ = SEARCHES[search]
-    rows = [[r["name"], " ".join(r["overrides"]) or f"({preset} preset)", r["steps"], f"{r['tokens'] / 1e6:.2f}M",
+    rows = [[r["name"], " ".join(r["overrides"]) or "(the recipe before)", r["steps"], f"{r['tokens'] / 1e6:.2f}M",
              f"{r['tokens_per_second']:,}", r["final_train_loss"], r["best_eval_step"], f"{r['val_loss']:.4f}",
              f"**{r['val_bpb']:.4f}**"] for r in sorted(done.values(), key=lambda r: r["val_bpb"])]
     return markdown_table(["candidate", "overrides", "steps", "tokens", "tokens/s (1 thread)", "final train loss",
@@ -184,7 +191,8 @@ def main() -> None:
     done = run_search(args.search, names, args.lanes, results)
     body = table(args.search, {name: done[name] for name in names if name in done})
     preset, tokens, eval_every = SEARCHES[args.search]
-    notes = (f"\n\n{preset} preset, {tokens / 1e6:.1f}M training tokens each ({round(tokens / TOKENS_PER_STEP)} "
+    notes = (f"\n\n{preset} preset with {' '.join(BEFORE_SHORT_SEARCH)} (its recipe before this search), then "
+             f"each candidate's overrides; {tokens / 1e6:.1f}M training tokens each ({round(tokens / TOKENS_PER_STEP)} "
              f"steps of 16 x 256; a candidate with another batch size takes the steps that make the same tokens), evaluated every {eval_every} steps; val bpb of the best checkpoint on the whole "
              f"validation split (1,332 stories), best first. One thread per run, {args.lanes} side by side.")
     print(body + notes)
