@@ -46,7 +46,7 @@ from common import best_times as common_best_times  # noqa: E402
 from generate_throughput import PlainTokenizer, check_logits_agree, random_model, to_hf  # noqa: E402
 from train_throughput import hf_llama  # noqa: E402
 from tinystories.config import ModelConfig, get_preset  # noqa: E402
-from tinystories.generate import LanguageModel, column_major_weights  # noqa: E402
+from tinystories.generate import LanguageModel  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
 
 
@@ -161,15 +161,12 @@ def compare_train_run(rounds: int) -> list[object]:
 def compare_generation(preset: str, batch_size: int, new_tokens: int, prompt_tokens: int, rounds: int,
                        device: torch.device) -> list[object]:
     """Our default `LanguageModel.generate` (static KV cache, compiled decode step: the warm-up call
-    compiles it, the timed calls reuse it; weights laid out as `load_model` lays them) against HF
-    `generate` on the same weights, greedy."""
+    compiles it, the timed calls reuse it) against HF `generate` on the same weights, greedy."""
     model = random_model(preset)  # EOT's logit is zero: no row stops early
     hf = to_hf(model)
     check_logits_agree(model, hf)  # on the CPU, before moving: the two are the same model
     model.to(device)
     hf.to(device)
-    if device.type == "cpu":
-        column_major_weights(model)  # as `load_model` gives it to `generate` and `serve`
     lm = LanguageModel(model, PlainTokenizer(model.config.vocab_size))
     prompt = "".join(chr(65 + i % 26) for i in range(prompt_tokens - 1))  # P - 1 tokens after the leading EOT
     ids = torch.tensor([[0] + lm.tokenizer.encode(prompt)] * batch_size, device=device)

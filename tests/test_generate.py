@@ -465,22 +465,6 @@ def test_load_model_from_run_and_checkpoint_dirs(tmp_path):
     assert load_model(run_dir, checkpoint="last").config.model == model.config  # falls back to best
 
 
-def test_a_loaded_model_is_column_major_and_decodes_the_same_tokens(tmp_path):
-    model = random_model(tie_embeddings=True)  # the tied head's tensor is the embedding's too
-    lm = load_model(make_run(tmp_path / "run", model))  # the default: compiled decode step
-    linears = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
-    assert lm.model.lm_head.weight is lm.model.tok_emb.weight
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(lm.model.state_dict()[name], tensor), name
-    tokens = torch.tensor([[EOT_ID, 72, 105, 33, 32, 65]])
-    with torch.no_grad():
-        torch.testing.assert_close(lm.model(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
-    row_major = LanguageModel(model, BytesTokenizer())
-    assert lm.generate("Hi", max_new_tokens=12, temperature=0) == row_major.generate("Hi", max_new_tokens=12,
-                                                                                      temperature=0)
-
-
 def test_int8_quantization_replaces_linears_and_stays_close(tmp_path):
     model = random_model(std=0.1, d_model=64)
     run_dir = make_run(tmp_path / "run", model)

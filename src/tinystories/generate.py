@@ -460,20 +460,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
-def column_major_weights(model: nn.Module) -> nn.Module:
-    """Store every linear weight (out, in) column-major, values unchanged, and return the model.
-
-    A batch-1 decode step multiplies one row by each weight; MKL does that 1.2-1.45x faster for the
-    `small` preset when W.t() is the contiguous one (docs/speed.md, Generation). A tied head shares
-    the embedding's tensor, so the embedding changes layout with it (its row lookups don't mind).
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
-                module.weight.data = module.weight.data.t().contiguous().t()
-    return model
-
-
 def load_model(name_or_path: str | os.PathLike = "tiny", checkpoint: str = "best", device: str = "cpu",
                quantize: str | None = None, compile: bool | None = None) -> LanguageModel:
     """Load a run directory, a checkpoint directory or a shipped model name for generation.
@@ -497,6 +483,4 @@ def load_model(name_or_path: str | os.PathLike = "tiny", checkpoint: str = "best
     model, tokenizer, run_config = load_run(name, checkpoint, torch_device)
     if quantize == "int8":
         model = quantize_int8(model)
-    elif torch_device.type == "cpu":
-        model = column_major_weights(model)
     return LanguageModel(model, tokenizer, run_config, compile=compile)
