@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tinystories.devices import parse_device
+from tinystories.devices import _cpu_key, cached_cpu_peak_flops, parse_device
 from tinystories.errors import UserError
 
 
@@ -89,3 +89,16 @@ def test_a_busy_program_is_seen_on_the_cores():
     finally:
         spinner.kill()
         spinner.wait()
+
+
+def test_a_cached_peak_below_the_peak_at_fewer_threads_is_raised_to_it(tmp_path, monkeypatch):
+    """A 2-thread peak measured on a busy moment (below the 1-thread one) must not give MFU > 100%."""
+    monkeypatch.setenv("TINYSTORIES_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr("tinystories.devices.measure_cpu_matmul_flops", lambda: 40e9)
+    assert cached_cpu_peak_flops() == 40e9  # measured once and cached
+    (tmp_path / "cpu_peak_flops.json").write_text(
+        '{"%s": 70e9, "%s": 40e9}' % (_cpu_key(1), _cpu_key(2)))
+    assert cached_cpu_peak_flops() == 70e9
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert cached_cpu_peak_flops() == 70e9

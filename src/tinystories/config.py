@@ -255,10 +255,11 @@ def _presets() -> dict[str, Preset]:
                 "compile": "torch.compile speeds small models 1.4-1.7x on CPU",
                 "context_length": "256 tokens hold a whole average story (196 bpe:4096 tokens on validation)",
                 "d_model": "4 x 128 keeps it at 1.3M parameters: ~7M training tokens fit in 15 minutes on 2 CPU cores",
-                "max_steps": "2,000 x 16 x 256 = 8.2M tokens, ~16 min at ~8.4k tokens/s (make demo's 15-min budget ends at ~1,770)",
+                "max_steps": "2,000 x 16 x 256 = 8.2M tokens, ~16 min at ~8.4k tokens/s (make demo's 15-min budget "
+                             "ends at 1,000-1,770 steps, by machine)",
                 "warmup_steps": "50 steps ramp the lr up while Adam's moment estimates settle",
                 "weight_decay": "1.0 with epochs + EMA: 0.8663 bits per byte at 5.6M tokens, against 0.8758 with 0.1 "
-                                "(benchmarks/RESULTS.md, short recipe search)",
+                                "and 0.9104 with 3.0 (benchmarks/RESULTS.md, short recipe search)",
                 "batching": "every window once per pass, reshuffled: 0.8786 vs random windows' 0.8926 at 5.6M tokens",
                 "ema_decay": "the 0.99 average of the weights is evaluated and shipped: 0.8758 with epochs vs 0.8786",
             },
