@@ -87,20 +87,25 @@ def shards() -> Path:
     return out
 
 
+def overrides(name: str) -> list[str]:
+    """The `--set` assignments of a candidate: the recipe before the short search, then its own."""
+    return BEFORE_SHORT_SEARCH + CANDIDATES[name]
+
+
 def tokens_per_step(preset: str, name: str) -> int:
     from tinystories.config import RunConfig, apply_overrides
 
-    run = apply_overrides(RunConfig.from_preset(preset), BEFORE_SHORT_SEARCH + CANDIDATES[name])
+    run = apply_overrides(RunConfig.from_preset(preset), overrides(name))
     return run.train.batch_size * run.model.context_length
 
 
 def command(search: str, name: str, data: Path) -> list[str]:
     preset, tokens, eval_every = SEARCHES[search]
     steps = round(tokens / tokens_per_step(preset, name))  # the same tokens whatever the candidate's batch
-    overrides = [item for override in BEFORE_SHORT_SEARCH + CANDIDATES[name] for item in ("--set", override)]
+    sets = [item for assignment in overrides(name) for item in ("--set", assignment)]
     return [sys.executable, "-m", "tinystories", "train", "--preset", preset, "--data", str(data),
             "--out", str(run_dir(search, name)), "--max-steps", str(steps), "--eval-every", str(eval_every),
-            "--device", "cpu", "--no-progress", *overrides]
+            "--device", "cpu", "--no-progress", *sets]
 
 
 def start(search: str, name: str, data: Path) -> subprocess.Popen:

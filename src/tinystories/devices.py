@@ -166,15 +166,16 @@ def _cache_file() -> Path:
     return Path(root) / "cpu_peak_flops.json"
 
 
-def _cpu_key(threads: int | None = None) -> str:
-    model = platform.processor() or platform.machine()
+def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    threads = torch.get_num_threads() if threads is None else threads
-    return f"{model} | {threads} threads | torch {torch.__version__}"
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _cpu_key(threads: int, model: str | None = None) -> str:
+    return f"{model or _cpu_model()} | {threads} threads | torch {torch.__version__}"
 
 
 def cached_cpu_peak_flops() -> float:
@@ -183,8 +184,8 @@ def cached_cpu_peak_flops() -> float:
     A measurement taken while another program was busy comes out low and would stay cached (MFU
     above 100% then): N threads can always do what fewer do, so the best cached figure at up to N
     threads counts."""
-    threads = torch.get_num_threads()
-    path, key = _cache_file(), _cpu_key(threads)
+    threads, model = torch.get_num_threads(), _cpu_model()
+    path, key = _cache_file(), _cpu_key(threads, model)
     cache: dict[str, float] = {}
     with contextlib.suppress(OSError, ValueError):
         cache = json.loads(path.read_text())
@@ -192,7 +193,7 @@ def cached_cpu_peak_flops() -> float:
         cache[key] = measure_cpu_matmul_flops()
         with contextlib.suppress(OSError):  # a read-only home only costs a re-measurement next time
             write_json_atomic(path, cache)
-    fewer = [cache.get(_cpu_key(n)) for n in range(1, threads)]
+    fewer = [cache.get(_cpu_key(n, model)) for n in range(1, threads)]
     return float(max([cache[key]] + [value for value in fewer if isinstance(value, (int, float))]))
 
 
