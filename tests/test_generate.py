@@ -252,7 +252,7 @@ def test_default_path_is_compiled_and_a_second_call_does_not_recompile(monkeypat
     sampled = lm.generate("Once upon", num_samples=1, max_new_tokens=20, temperature=0.8, seed=3)[0]
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation on later calls
     (engine,) = lm._idle_engines[(1, True)]
-    assert engine._step is not decode_step  # the compiled one
+    assert engine.compiled and all(step.graph is not None for step, _ in engine._span_steps.values())
     reference = eager(model).generate("Once upon", use_cache=False, **options)[0]
     assert first.token_ids == again.token_ids == reference.token_ids
     assert sampled.token_ids == eager(model).generate("Once upon", max_new_tokens=20, temperature=0.8,
@@ -271,6 +271,40 @@ def test_compiled_step_gives_the_eager_steps_logits():
         compiled.advance(tokens)
         plain.advance(tokens)
     assert compiled.rolls == plain.rolls > 0
+
+
+def test_batch_one_products_become_a_multiply_and_sum_and_others_stay_matmuls():
+    """The compiled step's decompositions: a one-row fp32 product (every linear of a batch-1 step)
+    is traced as mul + sum, equal to the matmul; two rows, or half precision, stay a matmul."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from tinystories.decoding import decode_decompositions
+
+    table = decode_decompositions()
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(48, 40, generator=generator)
+    bias = torch.randn(40, generator=generator)
+
+    def traced_ops(function, *inputs):
+        graph = make_fx(function, decomposition_table=table)(*inputs).graph
+        return {str(node.target) for node in graph.nodes if node.op == "call_function"}
+
+    for rows, dtype, decomposed in ((1, torch.float32, True), (2, torch.float32, False), (1, torch.bfloat16, False)):
+        row, weights = torch.randn(rows, 48, generator=generator).to(dtype), matrix.to(dtype)
+        ops = traced_ops(torch.mm, row, weights) | traced_ops(lambda r, w, b: torch.addmm(b, r, w), row, weights,
+                                                                bias.to(dtype))
+        assert any("mm" in op for op in ops) != decomposed, (rows, dtype, ops)
+    row = torch.randn(1, 48, generator=generator)
+    product = make_fx(torch.mm, decomposition_table=table)(row, matrix)
+    assert torch.allclose(product(row, matrix), (row.double() @ matrix.double()).float(), atol=1e-5, rtol=0)
+
+
+def test_cache_spans_are_the_next_quarter_of_the_context():
+    from tinystories.decoding import cache_span
+
+    assert [cache_span(n, 256) for n in (1, 64, 65, 128, 129, 200, 256)] == [64, 64, 128, 128, 192, 256, 256]
+    assert [cache_span(n, 10) for n in (1, 2, 3, 9, 10)] == [2, 2, 4, 10, 10]  # quarter 2, capped at 10
+    assert [cache_span(n, 3) for n in (1, 2, 3)] == [1, 2, 3]
 
 
 def test_engine_sizes_are_powers_of_two():
@@ -530,7 +564,8 @@ def test_warm_up_compiles_the_engine_that_new_engine_then_returns(monkeypatch):
     lm = LanguageModel(random_model(**VARIANTS["rope-mqa-window"]), BytesTokenizer())
     assert lm.warm_up(1)
     engine = lm.new_engine(1)
-    assert engine.compiled and engine._step.graph is not None  # compiled before any request
+    spans = sorted(engine._span_steps)  # context 16: a step per quarter of the cache, compiled before any request
+    assert spans == [4, 8, 12, 16] and all(step.graph is not None for step, _ in engine._span_steps.values())
     assert lm.new_engine(1) is not engine  # handed out once
     assert not eager(random_model()).warm_up(1)  # a model that does not compile: nothing to do
 

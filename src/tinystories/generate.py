@@ -327,11 +327,8 @@ class LanguageModel:
         engine = self.new_engine(slots)
         if not engine.compiled:
             return False
-        eot = self.tokenizer.eot_id
         with eval_mode(self.model):
-            engine.start(0, [eot], SamplingConfig(temperature=0))
-            engine.advance({0: eot})
-            engine.release(0)
+            engine.compile_steps()
         with self._engines_lock:
             self._warmed[slots] = engine
         return True
