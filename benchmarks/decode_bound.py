@@ -6,7 +6,7 @@ faster than memory streams the weights. For a preset's weight shapes (random fp3
   column-major   the same product with the weights laid out transposed (values unchanged)
   numpy          numpy's one-row matmul on the same memory (OpenBLAS)
   mul+sum        the product as a multiply and a sum, every product in one graph compiled by inductor:
-                 what the compiled decode step does at batch 1 (`decoding.one_row_product`)
+                 what the compiled decode step does at batch 1 (`decoding.few_row_product`)
 
 and the tokens/s each would allow if the step were nothing but those products.
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import append_results, best_times, markdown_table  # noqa: E402
 
 from tinystories.config import get_preset  # noqa: E402
-from tinystories.decoding import one_row_product  # noqa: E402
+from tinystories.decoding import few_row_product  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def products(shapes: list[tuple[int, int]]) -> dict[str, object]:
     rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}  # (1, in)
     arrays = [w.numpy() for w in weights]
     vectors = {size: row[0].numpy() for size, row in rows.items()}
-    every_product = torch.compile(lambda *ws: [one_row_product(rows[w.shape[1]], w.t()) for w in ws],
+    every_product = torch.compile(lambda *ws: [few_row_product(rows[w.shape[1]], w.t()) for w in ws],
                                   fullgraph=True, dynamic=False)
     return {
         "stream": lambda: [w.sum() for w in weights],

@@ -273,9 +273,9 @@ def test_compiled_step_gives_the_eager_steps_logits():
     assert compiled.rolls == plain.rolls > 0
 
 
-def test_batch_one_products_become_a_multiply_and_sum_and_others_stay_matmuls():
-    """The compiled step's decompositions: a one-row fp32 product (every linear of a batch-1 step)
-    is traced as mul + sum, equal to the matmul; two rows, or half precision, stay a matmul."""
+def test_products_of_few_rows_become_a_multiply_and_sum_and_others_stay_matmuls():
+    """The compiled step's decompositions: an fp32 product of 1-4 rows (every linear of a step of up
+    to 4 slots) is traced as mul + sum, equal to the matmul; 5 rows, or half precision, stay a matmul."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from tinystories.decoding import decode_decompositions
@@ -289,14 +289,16 @@ def test_batch_one_products_become_a_multiply_and_sum_and_others_stay_matmuls():
         graph = make_fx(function, decomposition_table=table)(*inputs).graph
         return {str(node.target) for node in graph.nodes if node.op == "call_function"}
 
-    for rows, dtype, decomposed in ((1, torch.float32, True), (2, torch.float32, False), (1, torch.bfloat16, False)):
+    for rows, dtype, decomposed in ((1, torch.float32, True), (4, torch.float32, True), (5, torch.float32, False),
+                                    (1, torch.bfloat16, False)):
         row, weights = torch.randn(rows, 48, generator=generator).to(dtype), matrix.to(dtype)
         ops = traced_ops(torch.mm, row, weights) | traced_ops(lambda r, w, b: torch.addmm(b, r, w), row, weights,
                                                                 bias.to(dtype))
         assert any("mm" in op for op in ops) != decomposed, (rows, dtype, ops)
-    row = torch.randn(1, 48, generator=generator)
-    product = make_fx(torch.mm, decomposition_table=table)(row, matrix)
-    assert torch.allclose(product(row, matrix), (row.double() @ matrix.double()).float(), atol=1e-5, rtol=0)
+    for rows in (1, 3):
+        row = torch.randn(rows, 48, generator=generator)
+        product = make_fx(torch.mm, decomposition_table=table)(row, matrix)
+        assert torch.allclose(product(row, matrix), (row.double() @ matrix.double()).float(), atol=1e-5, rtol=0)
 
 
 def test_cache_spans_are_the_next_quarter_of_the_context():
