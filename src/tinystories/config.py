@@ -423,6 +423,16 @@ class RunConfig:
         preset = get_preset(name)
         return cls(model=preset.model, train=preset.train, tokenizer=preset.tokenizer, preset=name)
 
+    def preset_differences(self) -> list[str]:
+        """`section.field=value` for every model and train field that differs from this run's preset:
+        the `--set` assignments that rebuild this config from `--preset` (needs a preset)."""
+        preset = RunConfig.from_preset(self.preset)
+        differences = []
+        for section in ("model", "train"):
+            ours, theirs = getattr(self, section).to_dict(), getattr(preset, section).to_dict()
+            differences += [f"{section}.{name}={value}" for name, value in ours.items() if value != theirs[name]]
+        return differences
+
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
 

@@ -200,15 +200,10 @@ def checkpoint_evaluation(records: list[dict[str, Any]], checkpoint: str) -> dic
 def training_command(run_config: Any) -> str | None:
     """`tinystories train --preset P --data D --out RUN --set ...`: every model and train field that
     differs from the preset, so the command rebuilds config.json exactly; None without a preset."""
-    from tinystories.config import RunConfig
-
     if run_config.preset is None:
         return None
-    preset = RunConfig.from_preset(run_config.preset)
     parts = ["tinystories train", f"--preset {run_config.preset}", f"--data {run_config.data or 'DATA'}", "--out RUN"]
-    for section in ("model", "train"):
-        ours, theirs = getattr(run_config, section).to_dict(), getattr(preset, section).to_dict()
-        parts += [f"--set {section}.{name}={value}" for name, value in ours.items() if value != theirs[name]]
+    parts += [f"--set {assignment}" for assignment in run_config.preset_differences()]
     return " \\\n    ".join(parts)
 
 
