@@ -1,4 +1,5 @@
-"""The `tiny` model shipped as package data: it loads by name, generates, evaluates, serves and exports.
+"""The models shipped as package data (every folder of assets/models: `tiny`, and any other): each
+loads by name, generates, evaluates and exports; `tiny` is what `serve` runs by default.
 
 How it was trained and measured: benchmarks/shipped_model.py and the README's "Results" section.
 """
@@ -15,13 +16,19 @@ import pytest
 import torch
 
 from tinystories import cli
-from tinystories.checkpoint import WEIGHTS_FILE, load_run, shipped_model_path
+from tinystories.checkpoint import WEIGHTS_FILE, load_run, shipped_model_path, shipped_models_root
 from tinystories.config import get_preset
 from tinystories.evaluate import evaluate_text
 from tinystories.generate import load_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Once upon a time"
+SHIPPED = sorted(path.name for path in shipped_models_root().iterdir() if (path / "config.json").exists())
+PACKAGE_LIMIT = {"tiny": 10 * 2**20}  # the issues' limits for package data; any other model: 20 MB
+
+
+def test_tiny_ships():
+    assert "tiny" in SHIPPED
 
 
 @pytest.fixture(scope="module")
@@ -29,45 +36,53 @@ def tiny():
     return load_model("tiny")
 
 
-def test_shipped_tiny_is_package_data_in_the_tiny_presets_shape():
-    path = shipped_model_path("tiny")
+@pytest.fixture(scope="module", params=SHIPPED)
+def shipped(request):
+    return request.param, load_model(request.param)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_is_package_data_in_its_presets_shape(name):
+    path = shipped_model_path(name)
     assert path is not None and path.parent.parent.name == "assets"
     files = {p.name: p.stat().st_size for p in path.iterdir()}
     assert {"config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_meta.json", "metrics.jsonl"} <= set(files)
-    assert sum(files.values()) <= 10 * 2**20  # the issue's limit for package data
-    model, tokenizer, run_config = load_run("tiny")
-    assert run_config.model == get_preset("tiny").model
+    assert sum(files.values()) <= PACKAGE_LIMIT.get(name, 20 * 2**20)
+    model, tokenizer, run_config = load_run(name)
+    assert run_config.model == get_preset(run_config.preset).model
     assert tokenizer.vocab_size == run_config.model.vocab_size == 4096
     assert sum(p.numel() for p in model.parameters()) == run_config.model.num_parameters()
 
 
-def test_shipped_tiny_generates_a_story_greedily_with_and_without_the_cache(tiny):
-    (cached,) = tiny.generate(PROMPT, max_new_tokens=40, temperature=0)
-    (uncached,) = tiny.generate(PROMPT, max_new_tokens=40, temperature=0, use_cache=False)
+def test_shipped_model_generates_a_story_greedily_with_and_without_the_cache(shipped):
+    _, lm = shipped
+    (cached,) = lm.generate(PROMPT, max_new_tokens=40, temperature=0)
+    (uncached,) = lm.generate(PROMPT, max_new_tokens=40, temperature=0, use_cache=False)
     assert cached.token_ids == uncached.token_ids and len(cached.token_ids) > 10
     words = cached.text.split()
     assert len(words) >= 8 and sum(w.strip(",.!?\"'").isalpha() for w in words) >= 0.8 * len(words)
 
 
-def test_shipped_tiny_is_trained(tiny, valid_stories):
-    """A random 4096-token model scores about 3 bits per byte; the shipped one must be far below 1."""
-    result = evaluate_text(tiny, valid_stories[:200])
+def test_shipped_model_is_trained(shipped, valid_stories):
+    """A random 4096-token model scores about 3 bits per byte; a shipped one must be far below 1."""
+    result = evaluate_text(shipped[1], valid_stories[:200])
     assert result["bits_per_byte"] < 0.9
 
 
-def test_cli_generate_and_eval_with_the_shipped_model(tiny, tmp_path, capsys, valid_stories):
-    code = cli.main(["generate", "--model", "tiny", "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "30"])
+def test_cli_generate_and_eval_with_the_shipped_model(shipped, tmp_path, capsys, valid_stories):
+    name, lm = shipped
+    code = cli.main(["generate", "--model", name, "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "30"])
     out = capsys.readouterr().out
-    (expected,) = tiny.generate(PROMPT, max_new_tokens=30, temperature=0)
+    (expected,) = lm.generate(PROMPT, max_new_tokens=30, temperature=0)
     assert code == 0 and PROMPT + expected.text in out
 
     stories = tmp_path / "stories.txt"
     stories.write_text("".join(f"{s}\n<|endoftext|>\n" for s in valid_stories[:20]), encoding="utf-8")
     report_path = tmp_path / "report.json"
-    code = cli.main(["eval", "tiny", "--input", str(stories), "--json", str(report_path), "--samples", "0"])
+    code = cli.main(["eval", name, "--input", str(stories), "--json", str(report_path), "--samples", "0"])
     assert code == 0
     report = json.loads(report_path.read_text())
-    assert report["bits_per_byte"] == pytest.approx(evaluate_text(tiny, valid_stories[:20])["bits_per_byte"], rel=1e-6)
+    assert report["bits_per_byte"] == pytest.approx(evaluate_text(lm, valid_stories[:20])["bits_per_byte"], rel=1e-6)
 
 
 def test_serve_defaults_to_the_shipped_model(tiny):
@@ -86,13 +101,14 @@ def test_serve_defaults_to_the_shipped_model(tiny):
     assert reply["choices"][0]["text"] == expected.text
 
 
-def test_export_the_shipped_model_to_hugging_face(tiny, tmp_path):
+def test_export_the_shipped_model_to_hugging_face(shipped, tmp_path):
     transformers = pytest.importorskip("transformers", reason="needs the export extra")
-    assert cli.main(["export", "tiny", "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    name, lm = shipped
+    assert cli.main(["export", name, "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids = torch.tensor([tiny.encode_prompt(PROMPT)])
+    ids = torch.tensor([lm.encode_prompt(PROMPT)])
     with torch.no_grad():
-        ours, _ = tiny.model(ids)
+        ours, _ = lm.model(ids)
         theirs = hf_model(ids).logits
     torch.testing.assert_close(theirs, ours.float(), atol=1e-4, rtol=1e-4)
 
@@ -105,5 +121,6 @@ def test_the_wheel_carries_the_shipped_model(tmp_path):
     assert build.returncode == 0, build.stderr
     (wheel,) = tmp_path.glob("tinystories-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for file in ("config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_meta.json"):
-        assert f"tinystories/assets/models/tiny/{file}" in names
+    for name in SHIPPED:
+        for file in ("config.json", WEIGHTS_FILE, "tokenizer.json", "tokenizer_meta.json"):
+            assert f"tinystories/assets/models/{name}/{file}" in names
