@@ -130,6 +130,25 @@ def test_run_config_save_load_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]  # no temp file left behind
 
 
+# Fields added after runs were already on disk (issue 17's levers): each "off" when a config.json lacks it.
+LATER_FIELDS = {"train": {"ema_decay": None, "embedding_weight_decay": 0.0},
+                "model": {"qk_norm": False, "logit_softcap": None, "zero_init_proj": False}}
+
+
+def test_a_config_written_before_a_field_existed_loads_with_it_off(tmp_path):
+    """A resumed old run must not pick up a lever it never trained with (e.g. tiny's EMA default)."""
+    values = RunConfig.from_preset("tiny").to_dict()
+    for section, fields in LATER_FIELDS.items():
+        for name in fields:
+            del values[section][name]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    loaded = RunConfig.load(path)
+    for section, fields in LATER_FIELDS.items():
+        assert {name: getattr(getattr(loaded, section), name) for name in fields} == fields
+    assert get_preset("tiny").train.ema_decay == 0.99  # the preset does use one: only missing fields are off
+
+
 def test_run_config_load_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         RunConfig.load(tmp_path / "missing.json")
