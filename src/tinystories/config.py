@@ -236,15 +236,17 @@ class Preset:
 
 def _presets() -> dict[str, Preset]:
     gpt2_vocab = 50257
+    tiny_model = ModelConfig(vocab_size=4096, context_length=256, n_layer=4, n_head=4, d_model=128,
+                             norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=True)
+    tiny_train = TrainConfig(batch_size=16, max_steps=2000, optimizer="muon", lr=6e-3, warmup_steps=50,
+                             weight_decay=1.0, batching="epochs", ema_decay=0.99, eval_every=200, compile=True)
     presets = [
         Preset(
             name="tiny",
             tokenizer="bpe:4096",
             mirrors="ours: ~1M-parameter Llama-style model, the CPU default (coherent stories in ~15 min on 2 cores)",
-            model=ModelConfig(vocab_size=4096, context_length=256, n_layer=4, n_head=4, d_model=128,
-                              norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=True),
-            train=TrainConfig(batch_size=16, max_steps=2000, optimizer="muon", lr=6e-3, warmup_steps=50,
-                              weight_decay=1.0, batching="epochs", ema_decay=0.99, eval_every=200, compile=True),
+            model=tiny_model,
+            train=tiny_train,
             reasons={
                 "optimizer": "Muon: 0.930 vs AdamW's 0.973 bits per byte in 10 minutes (benchmarks/RESULTS.md, recipe search)",
                 "vocab_size": "a 4096 BPE spends few parameters on embeddings yet keeps stories short in tokens",
@@ -268,10 +270,9 @@ def _presets() -> dict[str, Preset]:
             name="mini",
             tokenizer="bpe:4096",
             mirrors="ours: ~3.4M-parameter Llama-style model, the second shipped model (a CPU afternoon)",
-            model=ModelConfig(vocab_size=4096, context_length=256, n_layer=6, n_head=6, d_model=192, d_ff=512,
-                              norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=True),
-            train=TrainConfig(batch_size=16, max_steps=5000, optimizer="muon", lr=6e-3, warmup_steps=50,
-                              weight_decay=1.0, batching="epochs", ema_decay=0.99, eval_every=250, compile=True),
+            # tiny's architecture and recipe, wider, deeper and longer
+            model=dataclasses.replace(tiny_model, n_layer=6, n_head=6, d_model=192, d_ff=512),
+            train=dataclasses.replace(tiny_train, max_steps=5000, eval_every=250),
             reasons={
                 "d_model": "6 x 192 puts 2.7M parameters in the blocks: 2,380 tokens/s on 2 cores, against "
                            "2,020 for 4 x 256 of about the same size (2026-12-01, AMD EPYC)",
