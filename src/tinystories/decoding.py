@@ -10,12 +10,14 @@ How a step works
 Each slot holds one sequence: its token at position p sits at cache index p (a sequence's first token
 is at position 0). A prefill runs the model's own `forward` on one slot's tokens through a one-row
 view of the cache. After that, `advance` feeds one token per active slot in a single *decode step*
-over every slot: each row writes its new key/value at its own position and attends to all
-`context_length` cache slots under a mask (slot <= position, within the sliding window if the model
-has one). The step's shapes never change, so `torch.compile` compiles it once per engine size and
-reuses it for every later step and call; free slots ride along (their output is ignored). The step
-runs the model's own modules (embeddings, blocks, final norm, head), so every architecture option
-applies to it as to training.
+over every slot: each row writes its new key/value at its own position and attends to the cache's
+first slots under a mask (slot <= position, within the sliding window if the model has one). How
+many slots is the next quarter of the context above the longest row (`cache_span`), so the step
+has at most four shapes per engine size: `torch.compile` compiles each once and reuses it for every
+later step and call; free slots ride along (their output is ignored). The step runs the model's own
+modules (embeddings, blocks, final norm, head), so every architecture option applies to it as to
+training. Compiled, a step of up to four rows does its matrix products as multiply-and-sum loops
+that stream the weights (`decode_decompositions`), faster on a CPU than a GEMM with so few rows.
 
 When a slot's sequence fills the context, its last `context_length // 2` tokens (the new one
 included) are prefilled again at positions 0.. and decoding goes on, for rotary and learned
