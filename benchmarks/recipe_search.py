@@ -72,6 +72,18 @@ CANDIDATES: dict[str, list[str]] = {
     "epochs+ema0.99+wd1+embwd0.3": ["batching=epochs", "ema_decay=0.99", "weight_decay=1.0",
                                     "embedding_weight_decay=0.3"],
 }
+# the levers not yet measured, each on top of the short search's winner (tiny's defaults since)
+WINNER = CANDIDATES["epochs+ema0.99+wd1"]
+CANDIDATES |= {
+    "winner+wd1.5": WINNER + ["weight_decay=1.5"],
+    "winner+wd2": WINNER + ["weight_decay=2.0"],
+    "winner+minlr0": WINNER + ["min_lr_ratio=0.0"],
+    "winner+muonlr0.03": WINNER + ["muon_lr=0.03"],
+    "winner+zeroinit": WINNER + ["zero_init_proj=true"],
+    "winner+softcap15": WINNER + ["logit_softcap=15"],
+    "winner+dropout0.1": WINNER + ["dropout=0.1"],
+    "winner+ema0.995": WINNER + ["ema_decay=0.995"],
+}
 
 
 def run_dir(search: str, name: str) -> Path:
