@@ -273,32 +273,32 @@ def test_compiled_step_gives_the_eager_steps_logits():
     assert compiled.rolls == plain.rolls > 0
 
 
-def test_products_of_few_rows_become_a_multiply_and_sum_and_others_stay_matmuls():
-    """The compiled step's decompositions: an fp32 product of 1-4 rows (every linear of a step of up
-    to 4 slots) is traced as mul + sum, equal to the matmul; 5 rows, or half precision, stay a matmul."""
-    from torch.fx.experimental.proxy_tensor import make_fx
+def test_linears_of_few_rows_become_a_multiply_and_sum_and_others_stay_linears():
+    """The compiled step's graph rewrite: an fp32 `F.linear` of 1-4 rows (every linear of a step of up
+    to 4 slots) becomes a multiply and a sum, equal to the GEMM; 5 rows, or half precision, stay."""
+    from tinystories.decoding import stream_few_row_linears
 
-    from tinystories.decoding import decode_decompositions
-
-    table = decode_decompositions()
     generator = torch.Generator().manual_seed(0)
-    matrix = torch.randn(48, 40, generator=generator)
-    bias = torch.randn(40, generator=generator)
+    weight, bias = torch.randn(40, 48, generator=generator), torch.randn(40, generator=generator)
 
-    def traced_ops(function, *inputs):
-        graph = make_fx(function, decomposition_table=table)(*inputs).graph
-        return {str(node.target) for node in graph.nodes if node.op == "call_function"}
+    def step(x, w, b):
+        return F.linear(x, w) + F.linear(x, w, b)
 
-    for rows, dtype, decomposed in ((1, torch.float32, True), (4, torch.float32, True), (5, torch.float32, False),
-                                    (1, torch.bfloat16, False)):
-        row, weights = torch.randn(rows, 48, generator=generator).to(dtype), matrix.to(dtype)
-        ops = traced_ops(torch.mm, row, weights) | traced_ops(lambda r, w, b: torch.addmm(b, r, w), row, weights,
-                                                                bias.to(dtype))
-        assert any("mm" in op for op in ops) != decomposed, (rows, dtype, ops)
-    for rows in (1, 3):
-        row = torch.randn(rows, 48, generator=generator)
-        product = make_fx(torch.mm, decomposition_table=table)(row, matrix)
-        assert torch.allclose(product(row, matrix), (row.double() @ matrix.double()).float(), atol=1e-5, rtol=0)
+    for rows, dtype, expected in ((1, torch.float32, 2), (4, torch.float32, 2), (5, torch.float32, 0),
+                                  (1, torch.bfloat16, 0)):
+        rewritten = []
+
+        def backend(graph_module, example_inputs):
+            rewritten.append(stream_few_row_linears(graph_module))
+            return graph_module.forward
+
+        x, w, b = (t.to(dtype) for t in (torch.randn(rows, 1, 48, generator=generator), weight, bias))
+        out = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)(x, w, b)
+        assert rewritten == [expected], (rows, dtype)
+        reference = F.linear(x.double(), w.double()) + F.linear(x.double(), w.double(), b.double())
+        tolerance = dict(atol=1e-4, rtol=0) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+        assert torch.allclose(out.double(), reference, **tolerance), (rows, dtype)
+        torch._dynamo.reset()
 
 
 def test_cache_spans_are_the_next_quarter_of_the_context():

@@ -17,7 +17,7 @@ has at most four shapes per engine size: `torch.compile` compiles each once and 
 later step and call; free slots ride along (their output is ignored). The step runs the model's own
 modules (embeddings, blocks, final norm, head), so every architecture option applies to it as to
 training. Compiled, a step of up to four rows does its matrix products as multiply-and-sum loops
-that stream the weights (`decode_decompositions`), faster on a CPU than a GEMM with so few rows.
+that stream the weights (`stream_few_row_linears`), faster on a CPU than a GEMM with so few rows.
 
 When a slot's sequence fills the context, its last `context_length // 2` tokens (the new one
 included) are prefilled again at positions 0.. and decoding goes on, for rotary and learned
@@ -233,41 +233,39 @@ STREAMED_ROWS = 4
 
 
 def few_row_product(rows: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """(M, C) @ (C, N) as a multiply and a sum over C: inductor turns it into one loop that streams
+    """(..., C) @ (C, N) as a multiply and a sum over C: inductor turns it into one loop that streams
     the matrix once, ~2x faster than MKL's GEMM with one row (benchmarks/decode_bound.py)."""
-    return (rows[:, :, None] * matrix[None]).sum(dim=1)  # (M, C, 1) * (1, C, N) -> (M, N)
+    return (rows[..., :, None] * matrix).sum(dim=-2)  # (..., C, 1) * (C, N) -> (..., N)
 
 
-def _is_few_fp32_rows(rows: torch.Tensor, matrix: torch.Tensor) -> bool:
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    # fp32 only: a half-precision sum would round where the GEMM accumulates in fp32.
-    return (rows.device.type == "cpu" and rows.dtype == matrix.dtype == torch.float32
-            and statically_known_true(rows.shape[0] <= STREAMED_ROWS))
+def _is_few_fp32_rows(rows: Any, weight: Any) -> bool:
+    return (isinstance(rows, torch.Tensor) and isinstance(weight, torch.Tensor) and rows.device.type == "cpu"
+            and rows.dtype == weight.dtype == torch.float32 and rows.numel() // rows.shape[-1] <= STREAMED_ROWS)
 
 
-def decode_decompositions() -> dict[Any, Callable[..., Any]]:
-    """Inductor's own decompositions, with matrix products of at most STREAMED_ROWS rows (every
-    linear and the head of a step of up to 4 slots) as `few_row_product`; any other product
-    decomposes as inductor would."""
-    from torch._inductor.decomposition import select_decomp_table
-
-    table = dict(select_decomp_table())
-    aten = torch.ops.aten
-    inductor_mm, inductor_addmm = table.get(aten.mm.default), table.get(aten.addmm.default)
-
-    def mm(rows, matrix, *rest, **options):
-        if not rest and not options and _is_few_fp32_rows(rows, matrix):
-            return few_row_product(rows, matrix)
-        return inductor_mm(rows, matrix, *rest, **options) if inductor_mm else NotImplemented
-
-    def addmm(bias, rows, matrix, *rest, **options):
-        if not rest and not options and _is_few_fp32_rows(rows, matrix):
-            return bias + few_row_product(rows, matrix)
-        return inductor_addmm(bias, rows, matrix, *rest, **options) if inductor_addmm else NotImplemented
-
-    table[aten.mm.default], table[aten.addmm.default] = mm, addmm
-    return table
+def stream_few_row_linears(graph_module: torch.fx.GraphModule) -> int:
+    """Rewrite every `F.linear` of at most STREAMED_ROWS fp32 rows in a Dynamo graph (every linear
+    and the head of a step of up to 4 slots) as `few_row_product`; returns how many. Done on the
+    graph inductor is given, so its caches key on the rewritten graph. fp32 only: a half-precision
+    sum would round where the GEMM accumulates in fp32."""
+    graph, rewritten = graph_module.graph, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not F.linear:
+            continue
+        rows, weight, *bias = list(node.args) + [node.kwargs.get("bias")]
+        bias = bias[0] if bias else None
+        if not _is_few_fp32_rows(rows.meta.get("example_value"), weight.meta.get("example_value")):
+            continue
+        with graph.inserting_before(node):
+            matrix = graph.call_function(torch.t, (weight,))  # (C, N): W's memory, read row by row
+            product = graph.call_function(few_row_product, (rows, matrix))
+            if bias is not None:
+                product = graph.call_function(torch.add, (product, bias))
+        node.replace_all_uses_with(product)
+        graph.erase_node(node)
+        rewritten += 1
+    graph_module.recompile()
+    return rewritten
 
 
 def math_attention_step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
@@ -299,11 +297,8 @@ class CompiledStep:
     def _backend(self, graph_module: Any, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
         from torch._inductor.compile_fx import compile_fx
 
-        # AOTAutograd's cache keys on the graph before decomposition, so it could hand back a step
-        # compiled without `decode_decompositions`; inductor's own cache (after it) still applies.
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            compiled = compile_fx(graph_module, example_inputs, config_patches=_INDUCTOR_OPTIONS,
-                                  decompositions=decode_decompositions())
+        stream_few_row_linears(graph_module)
+        compiled = compile_fx(graph_module, example_inputs, config_patches=_INDUCTOR_OPTIONS)
         self.graph, self.inputs = compiled, list(example_inputs)
         return compiled
 
