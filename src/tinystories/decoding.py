@@ -252,8 +252,8 @@ def stream_few_row_linears(graph_module: torch.fx.GraphModule) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not F.linear:
             continue
-        rows, weight, *bias = list(node.args) + [node.kwargs.get("bias")]
-        bias = bias[0] if bias else None
+        rows, weight = node.args[:2]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if not _is_few_fp32_rows(rows.meta.get("example_value"), weight.meta.get("example_value")):
             continue
         with graph.inserting_before(node):
@@ -531,9 +531,8 @@ class DecodeEngine:
         it attends there (a row attends only to positions it has written)."""
         if not self.compiled or self.active():
             return
-        quarter = max(1, self.context_length // 4)
-        for span in sorted({cache_span(filled, self.context_length)
-                            for filled in range(quarter, self.context_length + quarter, quarter)}):
+        spans = {cache_span(filled, self.context_length) for filled in range(1, self.context_length + 1)}
+        for span in sorted(spans):
             self._step_slots({0: (0, span - 1)})
 
     def _prefill_together(self, slots: list[int]) -> dict[int, torch.Tensor]:
