@@ -15,7 +15,6 @@ gives the same shards as ../shared's files). Exits 1 if any compared loss differ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -31,6 +30,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from common import append_results, markdown_table  # noqa: E402
 
 from tinystories.checkpoint import load_run_config, shipped_model_path  # noqa: E402
+from tinystories.runlog import iter_metrics  # noqa: E402
 
 COMPARED = ("train_loss", "val_loss")
 
@@ -49,9 +49,7 @@ def train_command(model: Path, data: Path, out: Path) -> list[str]:
 def records(run: Path, up_to: int) -> dict[int, dict]:
     """{step: the merged records of that step} for steps <= up_to (train and eval lines share a step)."""
     merged: dict[int, dict] = {}
-    path = run / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        record = json.loads(line)
+    for record in iter_metrics(run) if (run / "metrics.jsonl").exists() else []:
         if record.get("step", up_to + 1) <= up_to:
             merged.setdefault(record["step"], {}).update(record)
     return merged
