@@ -313,30 +313,54 @@ def test_engine_sizes_are_powers_of_two():
     assert [bucket(n) for n in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 2, 4, 4, 8, 16, 16, 32]
 
 
+def per_row_draw(generators: list[torch.Generator | None]):
+    """Each row's Exp(1) draws from its own generator (ones for rows without one), as the engine draws."""
+    def draw(counts: list[int]) -> torch.Tensor:
+        pieces = [torch.empty(n).exponential_(1.0, generator=g) if g else torch.ones(n)
+                  for n, g in zip(counts, generators)]
+        return torch.cat(pieces)
+    return draw
+
+
 def test_per_row_options_sample_as_each_row_alone():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
     configs = [SamplingConfig(temperature=0.7, top_k=5), SamplingConfig(temperature=0),
                SamplingConfig(temperature=1.3, top_p=0.6, repetition_penalty=2.0)]
     present = torch.zeros(3, 50, dtype=torch.bool)
     present[:, :10] = True
-    noise = torch.empty(3, 50).exponential_(1.0, generator=torch.Generator().manual_seed(1))
     options = RowOptions(torch.tensor([c.temperature for c in configs], dtype=torch.float),
                          torch.tensor([c.top_k for c in configs]), torch.tensor([c.top_p for c in configs]),
                          torch.tensor([c.repetition_penalty for c in configs]))
-    together = sample_rows(logits, options, noise, present)
+    generators = [None if c.greedy else torch.Generator().manual_seed(10 + row) for row, c in enumerate(configs)]
+    together = sample_rows(logits, options, per_row_draw(generators), present)
     for row, config in enumerate(configs):
-        # one row with its options as plain numbers: the reference filters, then multinomial's draw
+        # one row with its options as plain numbers: the reference filters, then torch.multinomial
+        # over the tokens the filters kept, from a generator seeded as that row's
         row_logits = apply_repetition_penalty(logits[row:row + 1], present[row:row + 1], config.repetition_penalty)
         if config.greedy:
             expected = int(row_logits.argmax())
         else:
             filtered = filter_top_p(filter_top_k(row_logits / config.temperature, config.top_k), config.top_p)
-            expected = int((filtered.softmax(-1) / noise[row:row + 1]).argmax())
+            probs = filtered.softmax(-1)[0]
+            kept = probs.nonzero()[:, 0]
+            assert 1 < len(kept) < 50  # the filters did cut
+            pick = torch.multinomial(probs[kept], 1, generator=torch.Generator().manual_seed(10 + row)).item()
+            expected = int(kept[pick])
         assert int(together[row]) == expected
     generator = torch.Generator().manual_seed(4)
     probs = (logits[:1] / 0.7).softmax(-1)
     drawn = torch.multinomial(probs, 1, generator=generator).item()
     assert sample_next(logits[:1], SamplingConfig(temperature=0.7), torch.Generator().manual_seed(4)).item() == drawn
+
+
+def test_a_draw_spends_one_exp_value_per_kept_token():
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(3)
+    sample_next(logits, SamplingConfig(temperature=0.8, top_k=40), generator)
+    after = torch.empty(5).exponential_(1.0, generator=generator)
+    reference = torch.Generator().manual_seed(3)
+    torch.empty(2 * 40).exponential_(1.0, generator=reference)  # 40 kept tokens in each of the 2 rows
+    assert torch.equal(after, torch.empty(5).exponential_(1.0, generator=reference))
 
 
 def test_long_prompt_is_cut_to_the_context_with_a_warning():

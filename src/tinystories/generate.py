@@ -107,17 +107,18 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
                 present: torch.Tensor | None = None) -> torch.Tensor:
     """Pick the next token of each row from its logits (B, V) -> (B,) int64, all rows with `config`.
 
-    The draw is torch.multinomial's (one generator for all rows, row after row).
+    The draw is torch.multinomial's over each row's kept tokens (one generator for all rows, row after row).
     """
     rows, device = logits.shape[0], logits.device
     options = RowOptions(torch.full((rows,), float(config.temperature), device=device),
                          torch.full((rows,), config.top_k, dtype=torch.long, device=device),
                          torch.full((rows,), float(config.top_p), device=device),
                          torch.full((rows,), float(config.repetition_penalty), device=device))
-    noise = None
-    if not config.greedy:
-        noise = torch.empty_like(logits, dtype=torch.float).exponential_(1.0, generator=generator)
-    return sample_rows(logits, options, noise, present if config.repetition_penalty != 1.0 else None)
+    def draw(counts: list[int]) -> torch.Tensor:
+        return torch.empty(sum(counts), device=device).exponential_(1.0, generator=generator)
+
+    return sample_rows(logits, options, None if config.greedy else draw,
+                       present if config.repetition_penalty != 1.0 else None)
 
 
 def row_seed(seed: int | None, sample: int) -> int | None:
