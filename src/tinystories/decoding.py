@@ -151,9 +151,8 @@ def sample_rows(logits: torch.Tensor, options: RowOptions, draw: NoiseDraw | Non
     logits = logits.float()
     if present is not None:
         logits = apply_repetition_penalty(logits, present, options.penalty)
-    greedy_tokens = logits.argmax(dim=-1)
     if draw is None:
-        return greedy_tokens
+        return logits.argmax(dim=-1)
     greedy = options.temperature == 0
     scaled = logits / torch.where(greedy, 1.0, options.temperature)[:, None]
     probs = filter_top_p(filter_top_k(scaled, options.top_k), options.top_p).softmax(dim=-1)  # (B, V)
@@ -161,7 +160,9 @@ def sample_rows(logits: torch.Tensor, options: RowOptions, draw: NoiseDraw | Non
     noise = draw(kept.sum(dim=-1).tolist())
     race = torch.ones_like(probs).masked_scatter_(kept, noise)  # row-major: each row's draws in id order
     sampled = (probs / race).argmax(dim=-1)
-    return torch.where(greedy, greedy_tokens, sampled)
+    if not bool(greedy.any()):
+        return sampled  # an argmax over (B, V) saved: it costs as much as the top-k
+    return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
