@@ -14,9 +14,10 @@ Figures (PNG, dpi 100 or less, each well under 100 KB):
   lr-schedule.png          cosine vs wsd for the run's TrainConfig        (tinystories.optim.learning_rate)
   sampling.png             the next-token distribution under temperature, top-k, top-p (generate.filter_*)
   training-loss.png        train/val loss and gradient norm from the run's metrics.jsonl (runlog.plot_metrics)
+  many-passes.png          val loss and train/val gap per pass of the shipped models (their metrics.jsonl)
 
 The tables (--tables) are text: how the run's tokenizer splits sentences, the parameter breakdown of
-every preset and sample stories per sampling setting. (The training step's profile is
+every preset, sample stories per sampling setting and each shipped model's losses per pass. (The training step's profile is
 benchmarks/step_profile.py's.)
 """
 
@@ -40,6 +41,8 @@ from tinystories.runlog import plot_metrics
 
 ATTENTION_PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play"
 SAMPLING_PROMPT = "Once upon a time, there was a little"
+TRAIN_TOKENS = 3_433_479  # the training split (../shared/data/tinystories, bpe:4096): what one pass is
+PASS_MODELS = ("tiny", "mini")  # the shipped models whose curves docs/training.md compares
 SAMPLING_SETTINGS = [  # (label, sampling options)
     ("greedy (temperature 0)", {"temperature": 0.0}),
     ("temperature 0.5", {"temperature": 0.5}),
@@ -119,13 +122,51 @@ def figure_sampling(lm: LanguageModel, out: Path) -> Path:
 
 
 def figure_loss(run: Path, out: Path) -> Path | None:
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
+    if not (run / "metrics.jsonl").is_file():
         return None
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     path = out / "training-loss.png"
-    plot_metrics(records, path)
+    plot_metrics(read_metrics(run), path)
     return path
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses_per_pass(records: list[dict], window: int = 100) -> list[dict]:
+    """At each evaluation: step, passes over the training split, val loss (of the weight average when
+    there is one), the raw weights' val loss, and the mean train loss of the `window` steps before."""
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    rows = []
+    for record in (r for r in records if "val_loss" in r):
+        recent = [loss for step, loss in train if record["step"] - window < step <= record["step"]]
+        raw = record.get("val_loss_raw", record["val_loss"])
+        rows.append({"step": record["step"], "passes": record["tokens"] / TRAIN_TOKENS, "val": record["val_loss"],
+                     "val_raw": raw, "train": sum(recent) / len(recent), "gap": raw - sum(recent) / len(recent)})
+    return rows
+
+
+def figure_passes(out: Path) -> Path | None:
+    """Val loss and the raw weights' train/val gap against passes, for each shipped model."""
+    models = {name: shipped_model_path(name) for name in PASS_MODELS}
+    if not all(models.values()):
+        return None
+    figure = new_figure((9, 3.6))
+    loss_axes, gap_axes = figure.subplots(1, 2)
+    for name, path in models.items():
+        rows = losses_per_pass(read_metrics(path))
+        passes = [row["passes"] for row in rows]
+        loss_axes.plot(passes, [row["val"] for row in rows], marker="o", markersize=3, label=f"{name} val")
+        loss_axes.plot(passes, [row["train"] for row in rows], linestyle="--", label=f"{name} train")
+        gap_axes.plot(passes, [row["gap"] for row in rows], marker="o", markersize=3, label=name)
+    loss_axes.set(xlabel="passes over the training split", ylabel="loss (nats/token)", title="loss")
+    gap_axes.set(xlabel="passes over the training split", ylabel="val - train (nats/token)",
+                 title="gap (raw weights)")
+    for ax in (loss_axes, gap_axes):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, out / "many-passes.png", dpi=80)
 
 
 def main(run: str | Path, out: str | Path) -> list[Path]:
@@ -136,9 +177,7 @@ def main(run: str | Path, out: str | Path) -> list[Path]:
     lm.model.eval()
     paths = [figure_architecture(lm, out), *figure_attention(lm, out), figure_lr_schedule(lm.config.train, out),
              figure_sampling(lm, out)]
-    loss = figure_loss(run, out)
-    if loss is not None:
-        paths.append(loss)
+    paths += [path for path in (figure_loss(run, out), figure_passes(out)) if path is not None]
     return paths
 
 
@@ -173,6 +212,16 @@ def table_samples(lm: LanguageModel, max_new_tokens: int = 60) -> str:
         text = lm.generate(SAMPLING_PROMPT, max_new_tokens=max_new_tokens, seed=0, **options)[0].text
         blocks.append(f"--- {label} ---\n{SAMPLING_PROMPT}{text}")
     return "\n\n".join(blocks)
+
+
+def table_passes(name: str) -> str:
+    rows = losses_per_pass(read_metrics(shipped_model_path(name)))
+    lines = [f"`{name}`:", "", "| step | passes | val loss | raw weights' val loss | train loss | gap (nats/token) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['step']:,} | {row['passes']:.1f} | {row['val']:.3f} | {row['val_raw']:.3f} | "
+                     f"{row['train']:.3f} | {row['gap']:.3f} |")
+    return "\n".join(lines)
 
 
 def table_vocab_sizes(data: str | Path, train_stories: int = 5000, d_model: int = 128) -> str:
@@ -214,6 +263,7 @@ def tables(run: str | Path, data: str | Path | None = None) -> str:
         "## Tokenization\n" + table_tokenization(lm, sentences),
         "## Parameters per preset\n" + table_presets(),
         "## Samples\n" + table_samples(lm),
+        "## Losses per pass\n" + "\n\n".join(table_passes(name) for name in PASS_MODELS if shipped_model_path(name)),
         *(["## Vocabulary sizes\n" + table_vocab_sizes(data)] if data else []),
     ])
 

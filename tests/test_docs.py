@@ -58,6 +58,19 @@ def test_make_figures_writes_every_png(tiny_run, tmp_path, one_thread):
     assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temp files left behind
 
 
+def test_losses_per_pass_average_the_train_loss_of_the_window_before_each_evaluation():
+    make_figures = load_make_figures()
+    records = [{"step": s, "train_loss": 5.0 - s / 100} for s in range(10, 201, 10)]
+    records += [{"step": 100, "tokens": make_figures.TRAIN_TOKENS // 2, "val_loss": 4.0, "val_loss_raw": 4.2},
+                {"step": 200, "tokens": make_figures.TRAIN_TOKENS, "val_loss": 3.0}]
+    first, second = make_figures.losses_per_pass(records, window=100)
+    # steps 10..100: 5.0 - (0.1 + ... + 1.0) / 10 = 4.45; steps 110..200: 5.0 - 1.55 = 3.45
+    assert first["passes"] == pytest.approx(0.5, abs=1e-6) and first["train"] == pytest.approx(4.45)
+    assert first["gap"] == pytest.approx(4.2 - 4.45)  # the raw weights' val loss when there is one
+    assert second["passes"] == 1.0 and second["train"] == pytest.approx(3.45)
+    assert second["val_raw"] == 3.0 and second["gap"] == pytest.approx(3.0 - 3.45)
+
+
 def test_next_token_distributions_follow_the_sampler_filters(tiny_run):
     make_figures = load_make_figures()
     from tinystories.generate import load_model
