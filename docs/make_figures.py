@@ -153,12 +153,12 @@ def figure_passes(out: Path) -> Path | None:
         return None
     figure = new_figure((9, 3.6))
     loss_axes, gap_axes = figure.subplots(1, 2)
-    for name, path in models.items():
+    for (name, path), color in zip(models.items(), ("tab:blue", "tab:orange")):
         rows = losses_per_pass(read_metrics(path))
         passes = [row["passes"] for row in rows]
-        loss_axes.plot(passes, [row["val"] for row in rows], marker="o", markersize=3, label=f"{name} val")
-        loss_axes.plot(passes, [row["train"] for row in rows], linestyle="--", label=f"{name} train")
-        gap_axes.plot(passes, [row["gap"] for row in rows], marker="o", markersize=3, label=name)
+        loss_axes.plot(passes, [row["val"] for row in rows], color=color, marker="o", markersize=3, label=f"{name} val")
+        loss_axes.plot(passes, [row["train"] for row in rows], color=color, linestyle="--", label=f"{name} train")
+        gap_axes.plot(passes, [row["gap"] for row in rows], color=color, marker="o", markersize=3, label=name)
     loss_axes.set(xlabel="passes over the training split", ylabel="loss (nats/token)", title="loss")
     gap_axes.set(xlabel="passes over the training split", ylabel="val - train (nats/token)",
                  title="gap (raw weights)")

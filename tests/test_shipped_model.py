@@ -27,8 +27,8 @@ SHIPPED = sorted(path.name for path in shipped_models_root().iterdir() if (path 
 PACKAGE_LIMIT = {"tiny": 10 * 2**20}  # the issues' limits for package data; any other model: 20 MB
 
 
-def test_tiny_ships():
-    assert "tiny" in SHIPPED
+def test_tiny_and_mini_ship():
+    assert {"tiny", "mini"} <= set(SHIPPED)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,22 @@ def test_serve_defaults_to_the_shipped_model(tiny):
         reply = client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 12,
                                                      "temperature": 0}).json()
     (expected,) = tiny.generate(PROMPT, max_new_tokens=12, temperature=0)
+    assert reply["choices"][0]["text"] == expected.text
+
+
+def test_serve_a_shipped_model_by_name(shipped):
+    pytest.importorskip("starlette", reason="needs the serve extra")
+    from starlette.testclient import TestClient
+
+    from tinystories.cli.serve import served_name
+    from tinystories.serve import create_app
+
+    name, lm = shipped
+    with TestClient(create_app(load_model(name), served_name(name, None))) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [name]
+        reply = client.post("/v1/completions", json={"model": name, "prompt": PROMPT, "max_tokens": 12,
+                                                     "temperature": 0}).json()
+    (expected,) = lm.generate(PROMPT, max_new_tokens=12, temperature=0)
     assert reply["choices"][0]["text"] == expected.text
 
 
