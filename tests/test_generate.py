@@ -19,7 +19,7 @@ from tinystories.checkpoint import save_checkpoint
 from tinystories.config import ModelConfig, RunConfig, TrainConfig
 from torch._dynamo.utils import counters
 
-from tinystories.decoding import DecodeEngine, RowOptions, bucket, decode_step, sample_rows
+from tinystories.decoding import DecodeEngine, RowOptions, bucket, decode_step, sample_rows, top_k_candidates
 from tinystories.generate import (
     Chunk,
     Completion,
@@ -322,35 +322,75 @@ def per_row_draw(generators: list[torch.Generator | None]):
     return draw
 
 
+def row_options(configs: list[SamplingConfig]) -> RowOptions:
+    return RowOptions(torch.tensor([c.temperature for c in configs], dtype=torch.float),
+                      torch.tensor([c.top_k for c in configs]), torch.tensor([c.top_p for c in configs]),
+                      torch.tensor([c.repetition_penalty for c in configs]))
+
+
+def reference_token(logits: torch.Tensor, present: torch.Tensor, config: SamplingConfig, seed: int) -> int:
+    """One row (1, V) with its options as plain numbers: the full-row filters, then torch.multinomial
+    over the tokens they kept, from a generator seeded with `seed`."""
+    logits = apply_repetition_penalty(logits, present, config.repetition_penalty)
+    if config.greedy:
+        return int(logits.argmax())
+    probs = filter_top_p(filter_top_k(logits / config.temperature, config.top_k), config.top_p).softmax(-1)[0]
+    kept = probs.nonzero()[:, 0]
+    assert 1 < len(kept) < logits.shape[-1]  # the filters did cut
+    return int(kept[torch.multinomial(probs[kept], 1, generator=torch.Generator().manual_seed(seed)).item()])
+
+
+def sample_as_rows_alone(logits: torch.Tensor, configs: list[SamplingConfig], present: torch.Tensor) -> None:
+    generators = [None if c.greedy else torch.Generator().manual_seed(10 + row) for row, c in enumerate(configs)]
+    together = sample_rows(logits, row_options(configs), per_row_draw(generators), present)
+    for row, config in enumerate(configs):
+        assert int(together[row]) == reference_token(logits[row:row + 1], present[row:row + 1], config, 10 + row)
+
+
 def test_per_row_options_sample_as_each_row_alone():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
     configs = [SamplingConfig(temperature=0.7, top_k=5), SamplingConfig(temperature=0),
-               SamplingConfig(temperature=1.3, top_p=0.6, repetition_penalty=2.0)]
+               SamplingConfig(temperature=1.3, top_p=0.6, repetition_penalty=2.0)]  # no top-k: the full rows
     present = torch.zeros(3, 50, dtype=torch.bool)
     present[:, :10] = True
-    options = RowOptions(torch.tensor([c.temperature for c in configs], dtype=torch.float),
-                         torch.tensor([c.top_k for c in configs]), torch.tensor([c.top_p for c in configs]),
-                         torch.tensor([c.repetition_penalty for c in configs]))
-    generators = [None if c.greedy else torch.Generator().manual_seed(10 + row) for row, c in enumerate(configs)]
-    together = sample_rows(logits, options, per_row_draw(generators), present)
-    for row, config in enumerate(configs):
-        # one row with its options as plain numbers: the reference filters, then torch.multinomial
-        # over the tokens the filters kept, from a generator seeded as that row's
-        row_logits = apply_repetition_penalty(logits[row:row + 1], present[row:row + 1], config.repetition_penalty)
-        if config.greedy:
-            expected = int(row_logits.argmax())
-        else:
-            filtered = filter_top_p(filter_top_k(row_logits / config.temperature, config.top_k), config.top_p)
-            probs = filtered.softmax(-1)[0]
-            kept = probs.nonzero()[:, 0]
-            assert 1 < len(kept) < 50  # the filters did cut
-            pick = torch.multinomial(probs[kept], 1, generator=torch.Generator().manual_seed(10 + row)).item()
-            expected = int(kept[pick])
-        assert int(together[row]) == expected
+    sample_as_rows_alone(logits, configs, present)
     generator = torch.Generator().manual_seed(4)
     probs = (logits[:1] / 0.7).softmax(-1)
     drawn = torch.multinomial(probs, 1, generator=generator).item()
     assert sample_next(logits[:1], SamplingConfig(temperature=0.7), torch.Generator().manual_seed(4)).item() == drawn
+
+
+def test_top_k_rows_sample_on_their_k_columns_as_each_row_alone():
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)) * 3
+    configs = [SamplingConfig(temperature=0.7, top_k=5), SamplingConfig(temperature=0),  # greedy: no say
+               SamplingConfig(temperature=1.3, top_k=40, top_p=0.6, repetition_penalty=2.0),
+               SamplingConfig(temperature=1.0, top_k=17)]
+    present = torch.zeros(4, 300, dtype=torch.bool)
+    present[:, :30] = True
+    options = row_options(configs)
+    scaled = apply_repetition_penalty(logits, present, options.penalty) / options.temperature.clamp(min=1e-9)[:, None]
+    assert top_k_candidates(scaled, torch.tensor([5, 1, 40, 17])) is not None  # this batch takes the k columns
+    sample_as_rows_alone(logits, configs, present)
+    # ties with the k-th past the columns looked at: the full rows, which keep every tied token
+    tied = torch.full((1, 300), -5.0)
+    tied[0, 100:110] = 2.0  # ten tokens tie for first place; top-3 keeps all ten
+    assert top_k_candidates(tied, torch.tensor([3])) is None
+    sample_as_rows_alone(tied, [SamplingConfig(temperature=1.0, top_k=3)], torch.zeros(1, 300, dtype=torch.bool))
+
+
+def test_top_k_candidates_are_the_full_row_filters_kept_tokens():
+    scaled = torch.randn(6, 500, generator=torch.Generator().manual_seed(2)) * 2
+    k = torch.tensor([1, 2, 7, 40, 64, 3])
+    values, ids = top_k_candidates(scaled, k)
+    assert values.shape == ids.shape == (6, 65)  # one column past the largest k
+    kept = filter_top_k(scaled, k) > float("-inf")
+    for row in range(6):
+        real = values[row] > float("-inf")
+        assert int(real.sum()) == int(k[row]) == int(kept[row].sum())
+        assert torch.equal(ids[row][real], kept[row].nonzero()[:, 0])  # the same tokens, in id order
+        assert torch.equal(values[row][real], scaled[row][kept[row]])
+    assert top_k_candidates(scaled, torch.tensor([5, 0, 5, 5, 5, 5])) is None  # a row keeps every token
+    assert top_k_candidates(scaled, torch.tensor([5, 500, 5, 5, 5, 5])) is None
 
 
 def test_a_draw_spends_one_exp_value_per_kept_token():
