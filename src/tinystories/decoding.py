@@ -459,7 +459,8 @@ class DecodeEngine:
             except (ValueError, RuntimeError) as error:
                 results.append(error)
         admitted = [request for request, result in zip(starts, results) if not isinstance(result, Exception)]
-        prefilled = self._prefill_together([request.slot for request in admitted])  # slot -> (T, V)
+        scored = {request.slot for request in admitted if request.prompt_logprobs is not None}
+        prefilled = self._prefill_together([request.slot for request in admitted], scored)  # slot -> (T, V)
         for index, request in enumerate(starts):
             if request.prompt_logprobs is not None and not isinstance(results[index], Exception):
                 ids = torch.as_tensor(request.tokens, device=self.device)
@@ -590,36 +591,41 @@ class DecodeEngine:
         for span in sorted(spans):
             self._step_slots({0: (0, span - 1)})
 
-    def _prefill_together(self, slots: list[int]) -> dict[int, torch.Tensor]:
+    def _prefill_together(self, slots: list[int], scored: set[int]) -> dict[int, torch.Tensor]:
         """Prefill several slots' windows in one forward: right-padded to the longest, so under causal
-        attention no real token sees a pad; each row's keys/values are then copied into its slot."""
+        attention no real token sees a pad; each row's keys/values are then copied into its slot.
+        Returns the logits of every position (T, V) of the slots in `scored` (for their prompt
+        log-probs); the others go through the head at their last position only, all decoding needs."""
         if self.cache is None or len(slots) <= 1:  # none: every start was refused
-            return {slot: self._prefill(slot) for slot in slots}
+            return {slot: self._prefill(slot, every_position=slot in scored) for slot in slots}
         windows = [self.windows[slot] for slot in slots]
-        width = max(len(window) for window in windows)
-        ids = torch.zeros(len(slots), width, dtype=torch.long, device=self.device)  # (n, T)
+        lengths = [len(window) for window in windows]
+        ids = torch.zeros(len(slots), max(lengths), dtype=torch.long, device=self.device)  # (n, T)
         for row, window in enumerate(windows):
             ids[row, :len(window)] = torch.as_tensor(window, dtype=torch.long, device=self.device)
-        scratch = KVCache(self.model.config, len(slots), width, self.device, self.cache.keys[0].dtype)
-        logits, _ = self.model(ids, cache=scratch)  # (n, T, V)
+        scratch = KVCache(self.model.config, len(slots), ids.shape[1], self.device, self.cache.keys[0].dtype)
+        hidden = self.model.hidden_states(ids, cache=scratch)  # (n, T, C)
+        last = self.model.logits(hidden[torch.arange(len(slots)), torch.tensor(lengths) - 1])  # (n, V)
         prefilled = {}
-        for row, (slot, window) in enumerate(zip(slots, windows)):
-            length = len(window)
+        for row, (slot, length) in enumerate(zip(slots, lengths)):
             for layer in range(len(self.cache.keys)):
                 self.cache.keys[layer][slot, :, :length] = scratch.keys[layer][row, :, :length]
                 self.cache.values[layer][slot, :, :length] = scratch.values[layer][row, :, :length]
-            self.logits[slot] = logits[row, length - 1]
-            prefilled[slot] = logits[row, :length]
+            self.logits[slot] = last[row]
+            if slot in scored:
+                prefilled[slot] = self.model.logits(hidden[row, :length])
         return prefilled
 
-    def _prefill(self, slot: int) -> torch.Tensor:
-        """Run the model's forward on the slot's window (filling its cache row); returns its logits (T, V)."""
+    def _prefill(self, slot: int, every_position: bool = False) -> torch.Tensor:
+        """Run the model on the slot's window (filling its cache row); returns the logits (T, V) of
+        every position, or (1, V) of the last one only (the head on one position, not T)."""
         if self.cache is None:
             return self._recompute(slot)
         ids = torch.as_tensor(self.windows[slot], dtype=torch.long, device=self.device)[None]  # (1, T)
-        logits, _ = self.model(ids, cache=self.cache.row(slot))  # (1, T, V)
-        self.logits[slot] = logits[0, -1]
-        return logits[0]
+        hidden = self.model.hidden_states(ids, cache=self.cache.row(slot))[0]  # (T, C)
+        logits = self.model.logits(hidden if every_position else hidden[-1:])  # (T | 1, V)
+        self.logits[slot] = logits[-1]
+        return logits
 
     def _recompute(self, slot: int) -> torch.Tensor:
         """The no-cache reference: the whole window from scratch."""

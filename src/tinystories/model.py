@@ -278,6 +278,20 @@ class GPT(nn.Module):
 
         targets (B, T): next-token ids, -1 where no loss is wanted (padding). The loss is computed
         without the logits (`tinystories.loss`), so none are returned with it.
+        cache, position_ids, key_padding_mask: as in `hidden_states`.
+        """
+        x = self.hidden_states(idx, cache=cache, position_ids=position_ids, key_padding_mask=key_padding_mask)
+        if targets is not None:
+            B, T = idx.shape
+            return None, linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                              self.config.logit_softcap)
+        return self.logits(x), None
+
+    def hidden_states(self, idx: torch.Tensor, *, cache: KVCache | None = None,
+                      position_ids: torch.Tensor | None = None,
+                      key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> the final hidden states (B, T, C), normed, that the head turns into logits.
+
         cache: attend to earlier tokens stored in it and append these T tokens.
         position_ids (T,) or (B, T): positions of the new tokens (default: slot indices start..start+T-1).
         key_padding_mask (B, S): True for real tokens, False for padding, over all slots up to S.
@@ -307,11 +321,7 @@ class GPT(nn.Module):
             x = block(x, rotary, mask, cache, start)
         if cache is not None:
             cache.length = start + T
-        x = self.norm_f(x)  # (B, T, C)
-        if targets is not None:
-            return None, linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                              self.config.logit_softcap)
-        return self.logits(x), None
+        return self.norm_f(x)  # (B, T, C)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The head: final hidden states (..., C) -> next-token logits (..., V), soft-capped if configured."""
