@@ -605,7 +605,8 @@ class DecodeEngine:
             ids[row, :len(window)] = torch.as_tensor(window, dtype=torch.long, device=self.device)
         scratch = KVCache(self.model.config, len(slots), ids.shape[1], self.device, self.cache.keys[0].dtype)
         hidden = self.model.hidden_states(ids, cache=scratch)  # (n, T, C)
-        last = self.model.logits(hidden[torch.arange(len(slots)), torch.tensor(lengths) - 1])  # (n, V)
+        rows = torch.arange(len(slots), device=self.device)
+        last = self.model.logits(hidden[rows, torch.tensor(lengths, device=self.device) - 1])  # (n, V)
         prefilled = {}
         for row, (slot, length) in enumerate(zip(slots, lengths)):
             for layer in range(len(self.cache.keys)):
