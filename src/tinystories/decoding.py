@@ -505,14 +505,13 @@ class DecodeEngine:
             return {}
         generators = [self.generators[slot] for slot in active]
         penalized = any(self.configs[slot].repetition_penalty != 1.0 for slot in active)
-        # only the active rows: a free slot's stale options must not decide how the others are sampled
-        rows = None if len(active) == self.slots else self.cache_rows(active)
-        logits = self.logits if rows is None else self.logits[rows]  # (A, V)
-        options = self.options if rows is None else self.options.take(rows)
-        present = None if not penalized else self.present if rows is None else self.present[rows]
+        logits, options, present = self.logits, self.options, self.present  # (S, V), (S,), (S, V)
+        if len(active) < self.slots:  # only the active rows: a free slot's stale options must not count
+            rows = self.cache_rows(active)
+            logits, options, present = logits[rows], options.take(rows), present[rows]  # (A, V), (A,), (A, V)
         sampling = any(generator is not None for generator in generators)
         draw = functools.partial(self._draw_noise, generators) if sampling else None
-        tokens = sample_rows(logits, options, draw, present)  # (A,)
+        tokens = sample_rows(logits, options, draw, present if penalized else None)  # (A,)
         if penalized:
             self.present[self.cache_rows(active), tokens] = True
         chosen = tokens.tolist()
