@@ -83,6 +83,9 @@ CANDIDATES |= {
     "winner+softcap15": WINNER + ["logit_softcap=15"],
     "winner+dropout0.1": WINNER + ["dropout=0.1"],
     "winner+ema0.995": WINNER + ["ema_decay=0.995"],
+    # the spread between seeds (initial weights and batch order), against which the edges above are read
+    "winner+seed2": WINNER + ["seed=2"],
+    "winner+softcap15+seed2": WINNER + ["logit_softcap=15", "seed=2"],
 }
 
 

@@ -636,6 +636,18 @@ def test_warm_up_compiles_the_engine_that_new_engine_then_returns(monkeypatch):
     assert not eager(random_model()).warm_up(1)  # a model that does not compile: nothing to do
 
 
+def test_a_pickled_language_model_generates_what_the_original_does():
+    """What the server's model process receives: the model, tokenizer and config, no engines."""
+    import pickle
+
+    lm = eager(random_model())
+    lm.generate("warm", max_new_tokens=2)  # leaves an idle engine behind, which must not travel
+    copy = pickle.loads(pickle.dumps(lm))
+    assert copy.model is not lm.model and copy._idle_engines == {} and copy.compile is False
+    for sampling in ({"temperature": 0}, {"temperature": 0.9, "top_k": 20, "seed": 5}):
+        assert copy.generate("Hi", max_new_tokens=12, **sampling) == lm.generate("Hi", max_new_tokens=12, **sampling)
+
+
 @pytest.mark.parametrize("variant", ["rope-mqa-window", "learned-gelu-layernorm"])
 def test_prompts_prefilled_together_decode_as_each_alone(variant):
     from tinystories.decoding import SlotStart

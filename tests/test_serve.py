@@ -8,8 +8,11 @@ No test measures time: the fakes record what happened (rounds, starts, releases)
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
+import signal
 import threading
 import time
 
@@ -35,7 +38,8 @@ def fake() -> FakeLanguageModel:
 
 @pytest.fixture
 def client(fake):
-    with TestClient(create_app(fake, MODEL, max_tokens_limit=LIMIT, max_body_bytes=4096)) as test_client:
+    app = create_app(fake, MODEL, max_tokens_limit=LIMIT, max_body_bytes=4096, model_process=False)
+    with TestClient(app) as test_client:
         yield test_client
 
 
@@ -223,7 +227,7 @@ def test_streaming_usage_and_several_choices(client):
 
 def test_a_prompt_longer_than_the_context_keeps_its_end():
     fake = FakeLanguageModel(context_length=8)
-    with TestClient(create_app(fake, MODEL, max_tokens_limit=LIMIT)) as client:
+    with TestClient(create_app(fake, MODEL, max_tokens_limit=LIMIT, model_process=False)) as client:
         result = post(client, {"prompt": "abcdefghijkl", "max_tokens": 2, "seed": 0}).json()
         assert result["usage"]["prompt_tokens"] == 8  # the last 8 tokens were read
         assert fake.starts[0]["tokens"] == fake.tokenizer.encode("efghijkl")
@@ -361,7 +365,7 @@ def test_unknown_urls_methods_and_chat_are_openai_errors(client):
 
 
 def test_model_refusal_is_400_and_a_crash_is_a_json_500(fake):
-    app = create_app(fake, MODEL, max_tokens_limit=LIMIT)
+    app = create_app(fake, MODEL, max_tokens_limit=LIMIT, model_process=False)
     with TestClient(app, raise_server_exceptions=False) as client:
         for stream in (False, True):
             error = assert_openai_error(post(client, {"prompt": FAIL_PROMPT, "stream": stream}), 400, None)
@@ -381,9 +385,9 @@ def test_model_refusal_is_400_and_a_crash_is_a_json_500(fake):
 
 def test_limits_are_checked_when_the_app_is_made(fake):
     with pytest.raises(UserError, match="max-tokens-limit"):
-        create_app(fake, MODEL, max_tokens_limit=0)
+        create_app(fake, MODEL, max_tokens_limit=0, model_process=False)
     with pytest.raises(UserError, match="max-batch"):
-        create_app(fake, MODEL, slots=0)
+        create_app(fake, MODEL, slots=0, model_process=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +396,7 @@ def test_limits_are_checked_when_the_app_is_made(fake):
 
 def test_openai_client_plain_streamed_and_logprobs(fake):
     openai = pytest.importorskip("openai", reason="the openai client is not installed (dev extra)")
-    with BackgroundServer(create_app(fake, MODEL, max_tokens_limit=LIMIT)) as server:
+    with BackgroundServer(create_app(fake, MODEL, max_tokens_limit=LIMIT, model_process=False)) as server:
         assert server.url.startswith("http://127.0.0.1:")
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=30)
         assert [model.id for model in client.models.list()] == [MODEL]
@@ -450,7 +454,7 @@ def run_concurrently(url: str, bodies: list[dict]) -> list[httpx.Response]:
 def test_concurrent_requests_are_decoded_together(slots):
     fake = FakeLanguageModel(delay=0.01)
     bodies = [{"prompt": f"p{i}", "max_tokens": 10 + i, "seed": i, "stream": i % 2 == 1} for i in range(8)]
-    with BackgroundServer(create_app(fake, MODEL, max_tokens_limit=LIMIT, slots=slots)) as server:
+    with BackgroundServer(create_app(fake, MODEL, max_tokens_limit=LIMIT, slots=slots, model_process=False)) as server:
         responses = run_concurrently(server.url, bodies)
         with httpx.Client(base_url=server.url) as http:
             assert http.get("/health").json()["pending"] == 0
@@ -468,7 +472,7 @@ def test_concurrent_requests_are_decoded_together(slots):
 
 def test_while_the_model_is_busy_the_event_loop_still_answers():
     fake = FakeLanguageModel(delay=0.01)
-    with BackgroundServer(create_app(fake, MODEL, max_tokens_limit=1000, slots=1)) as server, \
+    with BackgroundServer(create_app(fake, MODEL, max_tokens_limit=1000, slots=1, model_process=False)) as server, \
             httpx.Client(base_url=server.url, timeout=30) as http:
         first = http.send(http.build_request("POST", "/v1/completions",
                                              json={"prompt": "long", "max_tokens": 500, "stream": True}), stream=True)
@@ -479,7 +483,7 @@ def test_while_the_model_is_busy_the_event_loop_still_answers():
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot_at_once():
     fake = FakeLanguageModel(delay=0.01)  # 1000 tokens would take 10 s
-    with BackgroundServer(create_app(fake, MODEL, max_tokens_limit=1000, slots=1)) as server, \
+    with BackgroundServer(create_app(fake, MODEL, max_tokens_limit=1000, slots=1, model_process=False)) as server, \
             httpx.Client(base_url=server.url, timeout=30) as http:
         body = {"prompt": "long", "max_tokens": 1000, "stream": True}
         with http.stream("POST", "/v1/completions", json=body) as response:
@@ -496,7 +500,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_at_once():
 
 def test_a_client_gone_while_queued_never_reaches_the_model():
     fake = FakeLanguageModel(delay=0.01)
-    with BackgroundServer(create_app(fake, MODEL, max_tokens_limit=1000, slots=1)) as server, \
+    with BackgroundServer(create_app(fake, MODEL, max_tokens_limit=1000, slots=1, model_process=False)) as server, \
             httpx.Client(base_url=server.url, timeout=30) as http:
         first = http.send(http.build_request("POST", "/v1/completions",
                                              json={"prompt": "first", "max_tokens": 300, "stream": True}), stream=True)
@@ -513,7 +517,8 @@ def test_a_client_gone_while_queued_never_reaches_the_model():
 
 def test_busy_server_answers_503():
     slow = FakeLanguageModel(delay=0.01)
-    with BackgroundServer(create_app(slow, MODEL, max_tokens_limit=1000, max_pending=1)) as server, \
+    app = create_app(slow, MODEL, max_tokens_limit=1000, max_pending=1, model_process=False)
+    with BackgroundServer(app) as server, \
             httpx.Client(base_url=server.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 300, "stream": True}):
             assert slow.stream_started.wait(10)
@@ -524,7 +529,7 @@ def test_busy_server_answers_503():
 
 def test_graceful_shutdown_ends_running_streams():
     fake = FakeLanguageModel(delay=0.01)
-    app = create_app(fake, MODEL, max_tokens_limit=2000)
+    app = create_app(fake, MODEL, max_tokens_limit=2000, model_process=False)
     server = BackgroundServer(app, graceful_timeout=0.5).start()
     http = httpx.Client(base_url=server.url, timeout=30)
     try:
@@ -547,7 +552,8 @@ def test_bad_input_leaves_no_traceback_in_the_server_log(caplog):
                   b'{"prompt": "' + b"y" * 300_000 + b'"}', b'{"prompt": [1, 99999]}', b'{"prompt": "x", "n": []}']
     json_type = {"Content-Type": "application/json"}
     with caplog.at_level(logging.DEBUG), \
-            BackgroundServer(create_app(fake, MODEL, max_tokens_limit=LIMIT), log_level="info") as server, \
+            BackgroundServer(create_app(fake, MODEL, max_tokens_limit=LIMIT, model_process=False),
+                             log_level="info") as server, \
             httpx.Client(base_url=server.url, timeout=30) as http:
         for content in bad_bodies:
             response = http.post("/v1/completions", content=content, headers=json_type)
@@ -737,6 +743,53 @@ def test_real_model_through_the_openai_client(real_model):
                                              stream=True)
         assert "".join(chunk.choices[0].text for chunk in streamed) == plain.choices[0].text
         assert plain.choices[0].text == real_model.generate("The sun", max_new_tokens=10, temperature=0)[0].text
+
+
+@pytest.fixture(scope="module")
+def endless_model(real_model):
+    """The real model with its final norm's weights zeroed: every logit is 0, so greedy decoding picks
+    token 0 forever and a stream runs to its max_tokens, never to the end-of-text token."""
+    endless = copy.deepcopy(real_model)
+    with torch.no_grad():
+        endless.model.norm_f.weight.zero_()
+    (story,) = endless.generate("Tom", max_new_tokens=300, temperature=0)
+    assert story.finish_reason == "length"
+    return endless
+
+
+ENDLESS = {"prompt": "Tom", "max_tokens": 10**6, "temperature": 0, "stream": True}  # hours of tokens
+
+
+def test_model_process_frees_the_slot_of_a_client_gone_mid_stream(endless_model):
+    """The real server decodes in its own process; a client's leaving crosses to it: with one slot, a
+    stream asking for a million tokens is dropped, and the next request is served at once."""
+    app = create_app(endless_model, "story-run", max_tokens_limit=10**6, slots=1)
+    worker = app.state.worker
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        assert worker.alive and worker.pid != os.getpid()
+        with http.stream("POST", "/v1/completions", json=ENDLESS) as response:
+            received = [line for line, _ in zip(response.iter_lines(), range(6)) if line.startswith("data: ")]
+            assert len(received) == 3
+        after = http.post("/v1/completions", json={"prompt": "Tom", "max_tokens": 5, "temperature": 0})
+        (alone,) = endless_model.generate("Tom", max_new_tokens=5, temperature=0)
+        assert after.status_code == 200 and after.json()["choices"][0]["text"] == alone.text
+        assert wait_for(lambda: http.get("/health").json()["pending"] == 0)
+    assert not worker.alive  # the graceful shutdown ended the model process too
+
+
+def test_a_model_process_that_dies_fails_its_requests_then_refuses_new_ones(endless_model):
+    app = create_app(endless_model, "story-run", max_tokens_limit=10**6, slots=2)
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        body = ENDLESS
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            assert json.loads(next(lines)[len("data: "):])["choices"][0]["text"] is not None
+            os.kill(app.state.worker.pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+            last = list(lines)[-1]
+        assert json.loads(last[len("data: "):])["error"]["type"] == "server_error"  # no [DONE]
+        refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_exited"
+        assert http.get("/health").status_code == 200  # the server itself still answers
 
 
 def test_cli_serve_loads_the_run_and_serves_it(tiny_run, monkeypatch):

@@ -78,7 +78,7 @@ def browser():
 def test_page_streams_a_story(browser):
     fake = FakeLanguageModel(delay=0.03)  # 40 tokens over ~1.2 s: the text visibly grows
     prompt = "Once upon a time, there was a girl named Lily."
-    with BackgroundServer(create_app(fake, "fake-tiny", max_tokens_limit=256)) as server:
+    with BackgroundServer(create_app(fake, "fake-tiny", max_tokens_limit=256, model_process=False)) as server:
         page = browser.new_page(viewport={"width": 900, "height": 760})
         requests: list[str] = []
         page.on("request", lambda request: requests.append(request.url))

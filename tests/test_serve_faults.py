@@ -130,7 +130,7 @@ def test_a_start_refused_half_way_frees_its_slot(tiny):
     b'{"prompt": ["ok", "\\ud83d"]}',  # half of a pair
 ], ids=["prompt", "stop", "key", "model", "half-pair"])
 def test_unpaired_surrogate_escapes_are_400(content):
-    with TestClient(create_app(FakeLanguageModel(), "fake-tiny", max_tokens_limit=16)) as client:
+    with TestClient(create_app(FakeLanguageModel(), "fake-tiny", max_tokens_limit=16, model_process=False)) as client:
         response = post(client, content)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -138,7 +138,7 @@ def test_unpaired_surrogate_escapes_are_400(content):
 
 
 def test_a_surrogate_pair_is_one_character_and_accepted():
-    with TestClient(create_app(FakeLanguageModel(), "fake-tiny", max_tokens_limit=16)) as client:
+    with TestClient(create_app(FakeLanguageModel(), "fake-tiny", max_tokens_limit=16, model_process=False)) as client:
         response = post(client, b'{"prompt": "a \\ud83d\\ude00 b", "max_tokens": 1, "echo": true}')
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"].startswith("a \U0001F600 b")

@@ -299,6 +299,14 @@ class LanguageModel:
         self._engines_lock = threading.Lock()
         self._warmed: dict[int, DecodeEngine] = {}  # compiled by warm_up, waiting for new_engine
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy in another process needs (the server's model process): the model, tokenizer and
+        config; engines and their compiled steps are this process's own and are made again there."""
+        return {"model": self.model, "tokenizer": self.tokenizer, "config": self.config, "compile": self.compile}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["model"], state["tokenizer"], state["config"], state["compile"])
+
     @property
     def device(self) -> torch.device:
         return self.model.tok_emb.weight.device

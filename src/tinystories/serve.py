@@ -6,12 +6,14 @@
     POST /v1/completions       OpenAI's legacy completions API; `stream: true` sends server-sent events
     POST /v1/chat/completions  not offered (a story model has no chat format): OpenAI-style 404
 
-Requests are decoded together (`serve_worker.BatchWorker`): every choice of every request is a row
+Requests are decoded together (`serve_worker`): every choice of every request is a row
 in one slot of the engine's static KV cache; a request joins the running batch at the next step and
 leaves it when it ends, and a client that goes away frees its slot at once. Each row keeps its own
 sampling options and seed, so a choice gets the same tokens it would get alone (`slots=1` serves one
-request at a time). `logprobs` (0..5) reports each token's log-probability under the model and its
-most likely alternatives, as OpenAI's legacy API; `echo` with `max_tokens: 0` scores a prompt.
+request at a time). The model runs in a process of its own (`serve_process`), so decoding never waits
+for the event loop's GIL; `model_process=False` keeps it on a thread of this one. `logprobs` (0..5)
+reports each token's log-probability under the model and its most likely alternatives, as OpenAI's
+legacy API; `echo` with `max_tokens: 0` scores a prompt.
 
 Bad input never reaches the model (`serve_schema`): the JSON body is checked field by field and
 refused with OpenAI's error shape (400, 404, 405, 413 or 415); nothing of it is logged as a traceback.
@@ -23,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import threading
 import time
@@ -43,6 +44,7 @@ from tinystories.decoding import TokenLogprobs
 from tinystories.errors import UserError
 from tinystories.generate import Completion, row_seed, token_offsets
 from tinystories.serve_schema import APIError, CompletionRequest, invalid, parse_completion_request, read_json_body
+from tinystories.serve_process import ModelProcess
 from tinystories.serve_worker import BatchWorker, Job, LanguageModelLike, RequestJobs
 
 DEFAULT_HOST = "127.0.0.1"
@@ -252,7 +254,7 @@ async def plain_completion(request: Request, parsed: CompletionRequest, prompts:
 class _GiveBack:
     """Ends a streamed request exactly once: its remaining jobs stop, its pending count is returned."""
 
-    def __init__(self, run: RequestJobs, worker: BatchWorker) -> None:
+    def __init__(self, run: RequestJobs, worker: BatchWorker | ModelProcess) -> None:
         self.run, self.worker, self.done = run, worker, False
 
     async def __call__(self) -> None:
@@ -504,10 +506,12 @@ ROUTES = [
 
 def create_app(language_model: LanguageModelLike, model_name: str, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
                *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_pending: int = DEFAULT_MAX_PENDING,
-               slots: int = DEFAULT_SLOTS) -> Starlette:
+               slots: int = DEFAULT_SLOTS, model_process: bool = True) -> Starlette:
     """The Starlette app serving `language_model` under `model_name` (API and web page).
 
-    slots: rows decoded together (1: one request at a time). The model thread starts with the app.
+    slots: rows decoded together (1: one request at a time). model_process: decode in a process of
+    its own (the model must pickle: a `LanguageModel` does), else on a thread of this process (what
+    tests of the HTTP layer use with stand-in models). The model starts with the app.
     """
     if max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit must be a positive integer, got {max_tokens_limit}")
@@ -516,7 +520,7 @@ def create_app(language_model: LanguageModelLike, model_name: str, max_tokens_li
     app = Starlette(routes=ROUTES, lifespan=_lifespan,
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
     app.state.language_model = language_model
-    app.state.worker = BatchWorker(language_model, slots, max_pending)
+    app.state.worker = (ModelProcess if model_process else BatchWorker)(language_model, slots, max_pending)
     app.state.settings = ServerSettings(model_name, max_tokens_limit, max_body_bytes, int(time.time()))
     app.state.page = _page_html()
     return app
@@ -564,38 +568,21 @@ def _uvicorn_server(app: Starlette, log_level: str, graceful_timeout: float, acc
     return uvicorn.Server(config)
 
 
-def set_decode_threads() -> int:
-    """The model thread gets every core but one, which stays with the event loop (HTTP, JSON, SSE): on
-    2 cores, two OpenMP threads that spin-wait while the loop runs make decoding many times slower."""
-    import torch
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    threads = max(1, min(torch.get_num_threads(), cores - 1))
-    torch.set_num_threads(threads)
-    return threads
-
-
 def serve(language_model: LanguageModelLike, model_name: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT, slots: int = DEFAULT_SLOTS, log_level: str = "info",
           graceful_timeout: float = 10.0) -> None:
     """Serve until Ctrl+C / SIGTERM, then shut down gracefully.
 
-    Before listening, the decode step for `slots` rows is compiled (when the model compiles: it is
-    then reused for every request). On shutdown the server stops accepting connections, lets running
-    requests finish for up to `graceful_timeout` seconds, then cancels the rest (at the next token).
+    Before listening, the model process starts and compiles the decode step for `slots` rows (when
+    the model compiles: it is then reused for every request). On shutdown the server stops accepting
+    connections, lets running requests finish for up to `graceful_timeout` seconds, then cancels the
+    rest (at the next token).
     """
     app = create_app(language_model, model_name, max_tokens_limit, slots=slots)
     sock = bind_socket(host, port)
-    set_decode_threads()
-    warm_up = getattr(language_model, "warm_up", None)
-    if warm_up is not None:
-        started = time.perf_counter()
-        if warm_up(slots):
-            print(f"tinystories: compiled the decode step for {slots} rows in {time.perf_counter() - started:.0f} s",
-                  flush=True)
+    compile_seconds = app.state.worker.prepare()  # the model process starts and compiles its step
+    if compile_seconds is not None:
+        print(f"tinystories: compiled the decode step for {slots} rows in {compile_seconds:.0f} s", flush=True)
     if not _is_loopback(host):
         print(f"warning: listening on {host}, reachable from other machines; the server has no authentication")
     print(f"tinystories: serving '{model_name}' at {_url(sock)}/  (API: {_url(sock)}/v1, Ctrl+C to stop)", flush=True)
@@ -621,7 +608,8 @@ class BackgroundServer:
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, timeout: float = 20.0) -> "BackgroundServer":
+    def start(self, timeout: float = 600.0) -> "BackgroundServer":
+        """Serve, once the app has started (its model process loaded and compiled: seconds to minutes)."""
         self._socket = bind_socket(self.host, self.port)
         self.url = _url(self._socket)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},

@@ -12,6 +12,9 @@ Every job ends with exactly one ('end', index, Completion) or ('error', index, e
 before that come ('prompt', index, [TokenLogprobs...]) once and ('chunk', index, Chunk) per token.
 Only this thread touches the model, so its tensors are never shared between threads; torch's own
 thread pool keeps the cores busy, and the event loop stays free to accept connections.
+
+The rounds themselves (`DecodeRounds`) do not know where their jobs come from: `BatchWorker` runs them
+on a thread of the server's process, `serve_process.ModelProcess` in a process of their own.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol
@@ -74,6 +79,7 @@ class Job:
     emit: Callable[[Event], None] = print  # called on `loop`, the request's event loop
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    key: int = -1  # the worker's name for it where the worker needs one (serve_process.ModelProcess)
 
 
 def _trim(details: TokenLogprobs | None, top: int | None) -> TokenLogprobs | None:
@@ -82,32 +88,27 @@ def _trim(details: TokenLogprobs | None, top: int | None) -> TokenLogprobs | Non
     return TokenLogprobs(details.logprob, details.top[:top])
 
 
-class BatchWorker:
-    """The model thread (see the module docstring). `pending` counts requests queued or running;
-    past `max_pending` new requests are refused (503) instead of queueing without bound."""
+def set_decode_threads() -> int:
+    """The model gets every core but one, which stays with the event loop (HTTP, JSON, SSE): on
+    2 cores, two OpenMP threads that spin-wait while the loop runs make decoding many times slower."""
+    import torch
 
-    def __init__(self, language_model: LanguageModelLike, slots: int, max_pending: int) -> None:
-        self.language_model, self.slots, self.max_pending = language_model, slots, max_pending
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    threads = max(1, min(torch.get_num_threads(), cores - 1))
+    torch.set_num_threads(threads)
+    return threads
+
+
+class Admission:
+    """The event loop's count of requests queued or running: past `max_pending` new requests are
+    refused (503) instead of queueing without bound."""
+
+    def __init__(self, slots: int, max_pending: int) -> None:
+        self.slots, self.max_pending = slots, max_pending
         self.pending = 0  # touched on the event loop only (admit / release)
-        self.closing = threading.Event()
-        self._incoming: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._waiting: deque[Job] = deque()
-        self._running: dict[int, tuple[Job, Continuation]] = {}
-        self._outbox: list[tuple[Job, Event]] = []  # events of this round, delivered together
-
-    def open(self) -> None:
-        self.closing.clear()
-        self._thread = threading.Thread(target=self._run, name="tinystories-model", daemon=True)
-        self._thread.start()
-
-    async def close(self) -> None:
-        """Stop at the next round: running and queued jobs end with an error event. The wait happens
-        off the event loop, which must keep running so that cancelled requests can clean up."""
-        self.closing.set()
-        self._incoming.put(None)  # wakes a worker waiting for work
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
 
     def admit(self) -> None:
         """Count one more request as pending, or refuse it (503) if the queue is full."""
@@ -119,12 +120,22 @@ class BatchWorker:
     def release(self) -> None:
         self.pending -= 1
 
-    def submit(self, job: Job) -> None:
-        self._incoming.put(job)
+    def cancel(self, jobs: list[Job]) -> None:
+        """The client of `jobs` went away (their shared `cancelled` flag is set now)."""
 
-    # --- the model thread ---------------------------------------------------------------------
 
-    def _run(self) -> None:
+class DecodeRounds:
+    """The model's side: rounds over one engine (see the module docstring), until `closing` is set.
+    Where jobs come from and where events go is the subclass's: `_collect` and `_flush`."""
+
+    def __init__(self, language_model: LanguageModelLike, slots: int) -> None:
+        self.language_model, self.slots = language_model, slots
+        self.closing = threading.Event()
+        self._waiting: deque[Job] = deque()
+        self._running: dict[int, tuple[Job, Continuation]] = {}
+        self._outbox: list[tuple[Job, Event]] = []  # events of this round, delivered together
+
+    def run(self) -> None:
         engine = self.language_model.new_engine(self.slots)
         while not self.closing.is_set():
             self._collect(block=not self._running and not self._waiting)
@@ -137,30 +148,16 @@ class BatchWorker:
             self._send(job, ("error", job.index, UserError("the server is shutting down")))
         self._flush()
 
-    def _send(self, job: Job, event: Event) -> None:
-        self._outbox.append((job, event))
+    def _collect(self, block: bool) -> None:
+        """Move newly submitted jobs to `_waiting` (waiting for one when `block`)."""
+        raise NotImplementedError
 
     def _flush(self) -> None:
-        """Hand the round's events to their event loops: one wake-up per loop and round, not per token."""
-        by_loop: dict[Any, list[tuple[Callable[[Event], None], Event]]] = {}
-        for job, event in self._outbox:
-            by_loop.setdefault(job.loop, []).append((job.emit, event))
-        self._outbox.clear()
-        for loop, deliveries in by_loop.items():
-            if loop is None:
-                _deliver(deliveries)
-                continue
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-                loop.call_soon_threadsafe(_deliver, deliveries)
+        """Hand `_outbox`'s events to their requests and empty it."""
+        raise NotImplementedError
 
-    def _collect(self, block: bool) -> None:
-        """Move newly submitted jobs to the waiting line (waiting for one when there is nothing to do)."""
-        with contextlib.suppress(queue.Empty):
-            job = self._incoming.get(block=block)
-            while True:
-                if job is not None:
-                    self._waiting.append(job)
-                job = self._incoming.get_nowait()
+    def _send(self, job: Job, event: Event) -> None:
+        self._outbox.append((job, event))
 
     def _drop_cancelled(self, engine: EngineLike) -> None:
         """A job whose client went away frees its slot now; a waiting one never starts."""
@@ -249,18 +246,96 @@ class BatchWorker:
         self._send(job, ("error", job.index, error))
 
 
+class BatchWorker(DecodeRounds, Admission):
+    """The model thread (see the module docstring): `DecodeRounds` on a thread of this process."""
+
+    def __init__(self, language_model: LanguageModelLike, slots: int, max_pending: int) -> None:
+        DecodeRounds.__init__(self, language_model, slots)
+        Admission.__init__(self, slots, max_pending)
+        self._incoming: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def prepare(self) -> float | None:
+        """Compile the decode step before serving (when the model compiles): the seconds it took, or None."""
+        set_decode_threads()
+        return warm_up_seconds(self.language_model, self.slots)
+
+    def open(self) -> None:
+        self.closing.clear()
+        self._thread = threading.Thread(target=self.run, name="tinystories-model", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Stop at the next round: running and queued jobs end with an error event. The wait happens
+        off the event loop, which must keep running so that cancelled requests can clean up."""
+        self.closing.set()
+        self._incoming.put(None)  # wakes a worker waiting for work
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def submit(self, job: Job) -> None:
+        self._incoming.put(job)
+
+    def _flush(self) -> None:
+        """Hand the round's events to their event loops: one wake-up per loop and round, not per token."""
+        by_loop: dict[Any, list[tuple[Callable[[Event], None], Event]]] = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job.emit, event))
+        self._outbox.clear()
+        for loop, deliveries in by_loop.items():
+            if loop is None:
+                _deliver(deliveries)
+                continue
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, deliveries)
+
+    def _collect(self, block: bool) -> None:
+        with contextlib.suppress(queue.Empty):
+            job = self._incoming.get(block=block)
+            while True:
+                if job is not None:
+                    self._waiting.append(job)
+                job = self._incoming.get_nowait()
+
+
+def warm_up_seconds(language_model: LanguageModelLike, slots: int) -> float | None:
+    """`language_model.warm_up(slots)` when it has one: the seconds it took to compile, or None."""
+    warm_up = getattr(language_model, "warm_up", None)
+    if warm_up is None:
+        return None
+    started = time.perf_counter()
+    compiled = warm_up(slots)
+    return time.perf_counter() - started if compiled else None
+
+
 def _deliver(deliveries: list[tuple[Callable[[Event], None], Event]]) -> None:
     for emit, event in deliveries:
         emit(event)
+
+
+class CancelFlag(threading.Event):
+    """A request's `cancelled` flag: set by whichever part of the server sees the client go first
+    (the disconnect watcher, the stream writer, an error), it also tells the worker once, so that a
+    worker in another process hears of it."""
+
+    def __init__(self, on_set: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_set = on_set
+
+    def set(self) -> None:
+        if not self.is_set():
+            super().set()
+            self._on_set()
 
 
 class RequestJobs:
     """The jobs of one request, submitted to the worker, and the events they send back to the event
     loop. `cancel()` (the client went away) frees their slots at the worker's next round."""
 
-    def __init__(self, worker: BatchWorker, jobs: list[Job]) -> None:
+    def __init__(self, worker: Any, jobs: list[Job]) -> None:
+        """`worker`: a `BatchWorker` or a `serve_process.ModelProcess` (submit, cancel)."""
         self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = threading.Event()
+        self.cancelled = CancelFlag(lambda: worker.cancel(jobs))
         self.remaining = len(jobs)
         for job in jobs:
             job.emit, job.loop, job.cancelled = self._events.put_nowait, asyncio.get_running_loop(), self.cancelled
