@@ -86,6 +86,8 @@ CANDIDATES |= {
     # the spread between seeds (initial weights and batch order), against which the edges above are read
     "winner+seed2": WINNER + ["seed=2"],
     "winner+softcap15+seed2": WINNER + ["logit_softcap=15", "seed=2"],
+    "winner+seed3": WINNER + ["seed=3"],
+    "winner+softcap15+seed3": WINNER + ["logit_softcap=15", "seed=3"],
 }
 
 

@@ -777,6 +777,13 @@ def test_model_process_frees_the_slot_of_a_client_gone_mid_stream(endless_model)
     assert not worker.alive  # the graceful shutdown ended the model process too
 
 
+def test_a_model_that_cannot_go_to_a_model_process_is_a_clear_error(fake):
+    worker = create_app(fake, MODEL).state.worker  # the stand-in holds a threading.Event: it cannot pickle
+    with pytest.raises(UserError, match="model_process=False"):
+        worker.prepare()
+    assert not worker.alive
+
+
 def test_a_model_process_that_dies_fails_its_requests_then_refuses_new_ones(endless_model):
     app = create_app(endless_model, "story-run", max_tokens_limit=10**6, slots=2)
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:

@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import pickle
 import queue
 import signal
 import threading
@@ -62,8 +63,14 @@ class ModelProcess(Admission):
         self._connection, child_end = context.Pipe()
         self._process = context.Process(target=_model_process_main, name="tinystories-model", daemon=True,
                                         args=(self.language_model, self.slots, child_end))
-        self._process.start()
-        child_end.close()
+        try:
+            self._process.start()  # pickles the language model
+        except (TypeError, AttributeError, pickle.PicklingError) as error:
+            self._process = None
+            raise UserError(f"the model cannot go to a model process ({error}); serve it with "
+                            "model_process=False") from None
+        finally:
+            child_end.close()
         return self._wait_ready()
 
     @property
