@@ -1,20 +1,22 @@
-"""The server's model thread: continuous batching of every request's choices over one decode engine.
+"""The server's decode rounds: continuous batching of every request's choices over one decode engine.
 
-Each choice of a request is a `Job`. The worker thread owns a `DecodeEngine` with `slots` slots and
-runs rounds: take new jobs (they join at the next round, prefilled together into free slots), drop the jobs
-whose client went away (their slot is free at once), sample one token for every running job, hand
-each its `Chunk` (through the same `Continuation` stop rules as `generate`), and feed the tokens of
-the jobs still running to one batched decode step. Jobs beyond the free slots wait in arrival order.
-With `slots=1` requests are served one at a time (the mode benchmarks/serve_load.py compares with).
+Each choice of a request is a `Job`. `DecodeRounds` owns a `DecodeEngine` with `slots` slots and
+runs rounds: take new jobs (they join at the next round, prefilled together into free slots), drop
+the jobs whose client went away (their slot is free at once), sample one token for every running
+job, hand each its `Chunk` (through the same `Continuation` stop rules as `generate`), and feed the
+tokens of the jobs still running to one batched decode step. Jobs beyond the free slots wait in
+arrival order. With `slots=1` requests are served one at a time (the mode benchmarks/serve_load.py
+compares with).
 
 A job with no sampling options (max_tokens 0) only scores its prompt: one forward pass, no slot.
 Every job ends with exactly one ('end', index, Completion) or ('error', index, exception) event;
 before that come ('prompt', index, [TokenLogprobs...]) once and ('chunk', index, Chunk) per token.
-Only this thread touches the model, so its tensors are never shared between threads; torch's own
-thread pool keeps the cores busy, and the event loop stays free to accept connections.
+Only the rounds touch the model, so its tensors are never shared between threads.
 
-The rounds themselves (`DecodeRounds`) do not know where their jobs come from: `BatchWorker` runs them
-on a thread of the server's process, `serve_process.ModelProcess` in a process of their own.
+The rounds do not know where their jobs come from: `serve_process.ModelProcess` runs them in a
+process of their own (what `tinystories serve` does), `BatchWorker` here on a thread of the server's
+process (what tests of the HTTP layer use with stand-in models that cannot leave the process).
+`Admission` is the event loop's side both share: the count of pending requests.
 """
 
 from __future__ import annotations
