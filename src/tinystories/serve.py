@@ -598,6 +598,9 @@ class BackgroundServer:
 
         with BackgroundServer(create_app(model, "tiny")) as server:
             httpx.get(server.url + "/health")
+
+    The app's model process is started with `spawn`, which imports a script's main module again:
+    in a script, start servers under `if __name__ == "__main__":`, as `multiprocessing` asks.
     """
 
     def __init__(self, app: Starlette, host: str = DEFAULT_HOST, port: int = 0, log_level: str = "warning",
