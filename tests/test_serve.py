@@ -777,6 +777,21 @@ def test_model_process_frees_the_slot_of_a_client_gone_mid_stream(endless_model)
     assert not worker.alive  # the graceful shutdown ended the model process too
 
 
+def test_a_graceful_shutdown_mid_stream_ends_the_model_process_too(endless_model):
+    app = create_app(endless_model, "story-run", max_tokens_limit=10**6, slots=1)
+    worker, server = app.state.worker, BackgroundServer(app, graceful_timeout=0.5).start()
+    http = httpx.Client(base_url=server.url, timeout=30)
+    try:
+        response = http.send(http.build_request("POST", "/v1/completions", json=ENDLESS), stream=True)
+        assert next(line for line in response.iter_lines() if line.startswith("data: "))
+        server.stop()  # the stream would take hours; the grace period is 0.5 s
+        assert not worker.alive and worker.exitcode == 0  # told to close, it closed
+        response.close()
+    finally:
+        http.close()
+        server.stop()
+
+
 def test_a_model_that_cannot_go_to_a_model_process_is_a_clear_error(fake):
     worker = create_app(fake, MODEL).state.worker  # the stand-in holds a threading.Event: it cannot pickle
     with pytest.raises(UserError, match="model_process=False"):

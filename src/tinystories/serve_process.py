@@ -78,6 +78,11 @@ class ModelProcess(Admission):
         return None if self._process is None else self._process.pid
 
     @property
+    def exitcode(self) -> int | None:
+        """The model process's exit code once it has exited (0: it was told to close), else None."""
+        return None if self._process is None else self._process.exitcode
+
+    @property
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
 
