@@ -24,6 +24,7 @@ from pathlib import Path
 import torch  # noqa: E402
 from common import append_results, markdown_table  # noqa: E402
 
+from tinystories.checkpoint import load_run_config  # noqa: E402
 from tinystories.evaluate import evaluate_shards  # noqa: E402
 from tinystories.export import export  # noqa: E402
 from tinystories.generate import load_model  # noqa: E402
@@ -39,7 +40,7 @@ def training_summary(run: Path) -> dict:
     last = records[-1]
     speeds = [r["tokens_per_second"] for r in train_records[1:]]  # the first includes compilation
     return {"steps": last["step"], "tokens": last["tokens"], "minutes": last["elapsed_seconds"] / 60,
-            "tokens_per_second": sum(speeds) / len(speeds)}
+            "tokens_per_second": sum(speeds) / len(speeds), "dtype": load_run_config(run).train.dtype}
 
 
 def whole_val(model_path: str | Path, data: Path) -> dict:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, run in runs:
         summary, result = training_summary(run), whole_val(run, args.data)
         losses[label] = result["val_loss"]
-        rows.append([f"{label} (`{run}`, fp32)", f"{summary['steps']:,}", f"{summary['tokens'] / 1e6:.1f}M",
+        rows.append([f"{label} (`{run}`, train.dtype {summary['dtype']})", f"{summary['steps']:,}", f"{summary['tokens'] / 1e6:.1f}M",
                      f"{summary['minutes']:.1f}", f"{summary['tokens_per_second']:,.0f}",
                      f"{result['val_loss']:.4f}", f"{result['bits_per_byte']:.4f}"])
         print(rows[-1], flush=True)
