@@ -8,7 +8,9 @@ bits differ across CPU kinds, since the kernels MKL picks do).
 The command is `tinystories train --preset P --data D --out TMP` with a `--set` for every field in
 which the shipped config.json differs from its preset (`RunConfig.preset_differences`), so the
 learning-rate schedule is the original one; the run is stopped with SIGTERM once step `--steps` is
-logged. `--data` is a `tinystories data prepare --tokenizer bpe:4096` directory (the bundled corpus
+logged. The re-run's threads are pinned (`--threads`, default every usable core, as the shipped runs
+had): left to itself, `train` takes only the cores free when it starts, and a different thread count
+changes the last bits from the first step on. `--data` is a `tinystories data prepare --tokenizer bpe:4096` directory (the bundled corpus
 gives the same shards as ../shared's files). Exits 1 if any compared loss differs.
 """
 
@@ -30,6 +32,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from common import append_results, markdown_table  # noqa: E402
 
 from tinystories.checkpoint import load_run_config, shipped_model_path  # noqa: E402
+from tinystories.devices import pinned_threads, usable_cores  # noqa: E402
 from tinystories.runlog import iter_metrics  # noqa: E402
 
 COMPARED = ("train_loss", "val_loss")
@@ -59,9 +62,10 @@ def logged_step(run: Path) -> int:
     return max(records(run, 10**9), default=0)
 
 
-def rerun(command: list[str], out: Path, steps: int, timeout: float) -> None:
+def rerun(command: list[str], out: Path, steps: int, timeout: float, threads: int) -> None:
     """Run the command until step `steps` is logged, then SIGTERM (it finishes the step and saves)."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + timeout
     while process.poll() is None and logged_step(out) < steps and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mini", help="a shipped model's name (or a run directory)")
     parser.add_argument("--data", type=Path, required=True, help="prepared shards (tinystories data prepare)")
     parser.add_argument("--steps", type=int, default=500, help="compare the records up to this step (default 500)")
+    parser.add_argument("--threads", type=int, default=pinned_threads() or usable_cores(),
+                        help="the re-run's CPU threads (default OMP_NUM_THREADS, else every usable core)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the re-run is given up")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args(argv)
@@ -101,14 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         command = train_command(model, args.data, out)
         print("re-running:", " ".join(command[1:]), file=sys.stderr)
         started = time.monotonic()
-        rerun(command, out, args.steps, args.timeout)
+        rerun(command, out, args.steps, args.timeout, args.threads)
         again, minutes = records(out, args.steps), (time.monotonic() - started) / 60
     rows = compare(shipped, again)
     equal = sum(row[-1] == "yes" for row in rows)
     body = markdown_table(["step", "loss", "shipped metrics.jsonl", "re-run", "relative difference", "equal"], rows)
-    threads = os.environ.get("OMP_NUM_THREADS", "the default")
     notes = (f"\n\n`{args.model}`: {equal} of {len(rows)} logged losses up to step {args.steps} equal bit for bit "
-             f"(re-run {minutes:.1f} min, threads: {threads}); command `{' '.join(command[3:])}`.")
+             f"(re-run {minutes:.1f} min, threads: {args.threads}); command `{' '.join(command[3:])}`.")
     print(body + notes)
     if not args.no_append:
         append_results(f"Shipped model re-run: {args.model} (benchmarks/reproduce_shipped.py)", body + notes)
