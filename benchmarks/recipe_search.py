@@ -88,6 +88,10 @@ CANDIDATES |= {
     "winner+softcap15+seed2": WINNER + ["logit_softcap=15", "seed=2"],
     "winner+seed3": WINNER + ["seed=3"],
     "winner+softcap15+seed3": WINNER + ["logit_softcap=15", "seed=3"],
+    # the schedule's end: decaying to 0 lost (winner+minlr0), so try ending higher, or a stable phase
+    "winner+softcap15+minlr0.3": WINNER + ["logit_softcap=15", "min_lr_ratio=0.3"],
+    "winner+softcap15+wsd": WINNER + ["logit_softcap=15", "schedule=wsd"],
+    "winner+softcap15+lr1.2e-2": WINNER + ["logit_softcap=15", "lr=0.012"],  # AdamW's embeddings, 2x
 }
 
 
