@@ -468,3 +468,33 @@ def test_compiled_model_matches_eager():
     _, loss = compiled(idx, idx)
     torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+
+
+ROPE_TABLE_IN_A_FRESH_PROCESS = """
+import math, sys, torch
+torch.set_num_threads(2)
+from tinystories.model import RotaryEmbedding
+rotary = RotaryEmbedding(32, 10000.0, max_positions=256)  # tiny's shape: 4,096 entries, split over 2 threads
+angles = [[p * (1.0 / 10000.0 ** (i / 32)) for i in range(0, 32, 2)] for p in range(256)]
+cos = torch.tensor([[math.cos(a) for a in row] for row in angles], dtype=torch.float64).float()
+sin = torch.tensor([[math.sin(a) for a in row] for row in angles], dtype=torch.float64).float()
+sys.exit(0 if torch.equal(rotary.cos_table, cos) and torch.equal(rotary.sin_table, sin) else 1)
+"""
+
+
+@pytest.mark.slow
+def test_rope_tables_are_the_same_in_every_fresh_two_thread_process():
+    """Each fresh process gets libm's cos and sin exactly. Without devices.start_mkl_on_this_thread,
+    the tables' 2-thread cos as MKL's first call came out 1 ulp off (rounded to float32) in 4-12% of
+    fresh processes on an Intel Xeon: a race, so this catches its return in most runs, not all (the
+    determinism test in test_train_determinism.py catches it too)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    codes = [subprocess.run([sys.executable, "-c", ROPE_TABLE_IN_A_FRESH_PROCESS], env=env, timeout=120).returncode
+             for _ in range(24)]
+    assert codes == [0] * 24

@@ -60,6 +60,25 @@ def parse_device(requested: str | torch.device = "auto") -> torch.device:
 # Running on the device
 
 
+_MKL_STARTED = False
+
+
+def start_mkl_on_this_thread() -> None:
+    """Make MKL's first call of the process here, single-threaded, before any parallel region does.
+
+    MKL picks its code paths lazily, on its first call. When two OpenMP threads make that first call
+    together (a 2-thread cos of the RoPE tables, a matmul inside attention) one of them can get
+    another path, and the process computes some values 1 ulp off from the next process: a run then
+    cannot repeat itself bit for bit. Measured on an Intel Xeon (2 cores): a 2-thread float64 cos as a
+    fresh process's first op came out different in 7 of 60 processes, in 0 of 60 after one 8 x 8
+    matmul first (benchmarks/RESULTS.md). Cheap, and only the first call does anything."""
+    global _MKL_STARTED
+    if not _MKL_STARTED:
+        torch.ones(8, 8) @ torch.ones(8, 8)
+        torch.ones(8, dtype=torch.float64).cos()
+        _MKL_STARTED = True
+
+
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of TrainConfig.dtype, or None for plain fp32: 'auto' is bf16 on CUDA, fp32 elsewhere."""
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinystories.config import ModelConfig
+from tinystories.devices import start_mkl_on_this_thread
 from tinystories.loss import linear_cross_entropy
 
 
@@ -103,6 +104,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, max_positions: int):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
+        start_mkl_on_this_thread()  # often the process's first MKL call, and a 2-thread one
         cos, sin = self._tables(torch.arange(max_positions, dtype=torch.float64))
         self.register_buffer("cos_table", cos, persistent=False)  # (max_positions, D/2)
         self.register_buffer("sin_table", sin, persistent=False)

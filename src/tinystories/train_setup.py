@@ -26,8 +26,8 @@ from tinystories.batching import Shards, check_same_tokenizer, open_shards
 from tinystories.checkpoint import (EMA_FILE, CheckpointError, check_same_save, checkpoint_dir, load_run_config,
                                     load_training_state, load_weights, load_weights_into, resolve_checkpoint)
 from tinystories.config import ModelConfig, RunConfig, TrainConfig
-from tinystories.devices import (autocast_dtype, free_cores, peak_flops, pinned_threads, usable_cores,
-                                 use_free_cores)
+from tinystories.devices import (autocast_dtype, free_cores, peak_flops, pinned_threads, start_mkl_on_this_thread,
+                                 usable_cores, use_free_cores)
 from tinystories.errors import UserError
 from tinystories.optim import Optimizers, WeightEMA, build_optimizer
 from tinystories.runlog import PendingLosses, RunLog
@@ -110,6 +110,7 @@ def build_run(run_config: RunConfig, out_dir: Path, resuming: bool, init_from, p
               ddp: distributed.Distributed) -> Run:
     """Model, optimizer, batches, weight average, loop state and log, resumed from checkpoints/last if asked."""
     config, device = run_config.train, ddp.device
+    start_mkl_on_this_thread()  # before any parallel region makes MKL's first call (bit-for-bit repeats)
     # Looked at first: torch.compile's compile workers would count as another program's load. A resume
     # keeps its saved count instead (a checkpoint from before the count was saved looks later).
     free = free_cores() if device.type == "cpu" and pinned_threads() is None and not resuming else None
