@@ -8,6 +8,10 @@ Models are tiny (2 layers, 32 wide) so the whole file runs in seconds on a CPU.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -488,11 +492,6 @@ def test_rope_tables_are_the_same_in_every_fresh_two_thread_process():
     the tables' 2-thread cos as MKL's first call came out 1 ulp off (rounded to float32) in 4-12% of
     fresh processes on an Intel Xeon: a race, so this catches its return in most runs, not all (the
     determinism test in test_train_determinism.py catches it too)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     env = {**os.environ, "OMP_NUM_THREADS": "2",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     codes = [subprocess.run([sys.executable, "-c", ROPE_TABLE_IN_A_FRESH_PROCESS], env=env, timeout=120).returncode
