@@ -92,6 +92,11 @@ CANDIDATES |= {
     "winner+softcap15+minlr0.3": WINNER + ["logit_softcap=15", "min_lr_ratio=0.3"],
     "winner+softcap15+wsd": WINNER + ["logit_softcap=15", "schedule=wsd"],
     "winner+softcap15+lr1.2e-2": WINNER + ["logit_softcap=15", "lr=0.012"],  # AdamW's embeddings, 2x
+    # the same FLOPs per token in another shape: two heads of 64, and Muon's step two thirds as long
+    "winner+heads2": WINNER + ["n_head=2"],
+    "winner+muonlr0.015": WINNER + ["muon_lr=0.015"],
+    # a second token table in every layer's values: 0.5M parameters at no matmul cost
+    "winner+valueemb": WINNER + ["value_embedding=true"],
 }
 
 

@@ -65,6 +65,7 @@ VARIANTS = {
     "rope-mqa-window": dict(n_kv_head=1, sliding_window=5),
     "learned-gelu-layernorm": dict(position="learned", mlp="gelu", norm="layernorm", bias=True),
     "learned-window": dict(position="learned", sliding_window=6, n_kv_head=2),
+    "rope-gqa-value-embedding": dict(n_kv_head=2, value_embedding=True),
 }
 
 

@@ -51,7 +51,9 @@ def randomized(model: GPT, seed: int = 0) -> GPT:
                 parameter.copy_(1.0 + 0.2 * noise)
             elif parameter.dim() == 1:  # biases
                 parameter.copy_(0.1 * noise)
-            elif name in ("tok_emb.weight", "pos_emb.weight"):
+            elif parameter.dim() == 0:  # the layers' value-embedding weights
+                parameter.copy_(1.0 + 0.2 * noise)
+            elif name in ("tok_emb.weight", "pos_emb.weight", "value_emb.weight"):
                 parameter.copy_(noise)
             else:  # (out, in) matrices
                 parameter.copy_(noise / math.sqrt(parameter.shape[1]))
@@ -136,6 +138,8 @@ def reference_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         qkv = linear(reference_norm(block.norm1, x, config), block.attn.qkv)
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
+        if config.value_embedding:  # each layer adds its weight times the token's row of the second table
+            v = v + block.attn.value_weight * model.value_emb.weight[idx].view(B, T, K, D)
         if config.position == "rope":
             q, k = reference_rope(q, positions, config.rope_theta), reference_rope(k, positions, config.rope_theta)
         x = x + linear(reference_attention(q, k, v, allowed).reshape(B, T, H * D), block.attn.proj)
@@ -157,6 +161,8 @@ VARIANTS = {
     "window-beyond-T": dict(sliding_window=40),
     "learned-window": dict(position="learned", sliding_window=3),
     "untied-bias-rms": dict(tie_embeddings=False, bias=True),
+    "value-embedding": dict(value_embedding=True),
+    "value-embedding-gqa": dict(value_embedding=True, n_kv_head=2),
 }
 
 
@@ -303,6 +309,7 @@ def test_preset_parameter_count_matches_closed_form(name):
 @pytest.mark.parametrize("overrides", [
     dict(), dict(tie_embeddings=False), dict(bias=True), dict(n_kv_head=1), dict(n_kv_head=2, d_ff=50),
     dict(norm="layernorm", bias=True, position="learned", mlp="gelu"), dict(norm="layernorm", bias=False),
+    dict(value_embedding=True), dict(value_embedding=True, n_kv_head=1),
 ])
 def test_variant_parameter_count_matches_closed_form(overrides):
     config = small_config(**overrides)
@@ -340,7 +347,7 @@ def test_tied_embeddings_share_storage():
 CACHE_VARIANTS = [
     dict(position=position, n_kv_head=kv_heads, sliding_window=window)
     for position in ("rope", "learned") for kv_heads in (4, 2, 1) for window in (None, 4)
-]
+] + [dict(value_embedding=True, n_kv_head=2)]
 
 
 @pytest.mark.parametrize("overrides", CACHE_VARIANTS, ids=lambda o: "-".join(str(v) for v in o.values()))

@@ -64,6 +64,14 @@ def test_groups_partition_the_parameters_by_role():
     assert groups["hidden"] == BLOCK_MATRICES  # Muon: the block matrices, not the head
 
 
+def test_value_embeddings_are_an_embedding_and_their_weights_gains():
+    model = GPT(ModelConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, d_model=16, value_embedding=True))
+    groups = {role: {name for name, _ in params} for role, params in parameter_groups(model).items()}
+    assert groups["embeddings"] == {"tok_emb.weight", "value_emb.weight"}  # AdamW, embedding_weight_decay
+    assert {"blocks.0.attn.value_weight", "blocks.1.attn.value_weight"} <= groups["gains"]  # no decay
+    assert groups["hidden"] == BLOCK_MATRICES  # Muon's set is unchanged
+
+
 def test_each_group_gets_its_own_weight_decay():
     model = gpt_with_everything()
     groups = parameter_groups(model)

@@ -70,6 +70,7 @@ class ModelConfig:
     qk_norm: bool = False  # RMS-normalise queries and keys per head (no weights) before RoPE
     logit_softcap: float | None = None  # None: plain logits; c: c * tanh(logits / c)
     zero_init_proj: bool = False  # start every block's output projections at zero (blocks begin as identity)
+    value_embedding: bool = False  # a second token table added to every layer's values (modded-nanogpt)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,7 +113,7 @@ class ModelConfig:
 
         Keys: embeddings (token table), positions (learned table; 0 with RoPE), attention (qkv + output
         projection of all layers), mlp (all layers), norms (every norm's weights and biases), head
-        (the output projection; 0 when tied to the token embeddings).
+        (the output projection; 0 when tied to the token embeddings), value_embeddings (0 without).
         """
         d, hd = self.d_model, self.head_dim
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
@@ -127,6 +128,8 @@ class ModelConfig:
             "mlp": self.n_layer * mlp,
             "norms": (2 * self.n_layer + 1) * norm,
             "head": 0 if self.tie_embeddings else self.vocab_size * d,
+            # a (V, K*D) table and one mixing weight per layer
+            "value_embeddings": (self.vocab_size * self.kv_heads * hd + self.n_layer) if self.value_embedding else 0,
         }
 
     def num_parameters(self) -> int:

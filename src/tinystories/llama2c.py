@@ -80,6 +80,7 @@ def check_llama2c_compatible(config: ModelConfig) -> None:
         (config.norm_eps != NORM_EPS, f"norm_eps={config.norm_eps:g} (run.c hard-codes 1e-5)"),
         (config.qk_norm, "qk_norm=True (run.c has no query/key normalisation)"),
         (config.logit_softcap is not None, f"logit_softcap={config.logit_softcap} (run.c has no logit cap)"),
+        (config.value_embedding, "value_embedding=True (run.c has no value embeddings)"),
     ]
     for bad, field in problems:
         if bad:

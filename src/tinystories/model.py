@@ -3,7 +3,7 @@
 Every variant the presets need is a setting: LayerNorm or RMSNorm, learned or rotary positions,
 GELU, SwiGLU or ReLU^2, multi-head / grouped-query / multi-query attention, full or sliding-window
 causal attention, tied or separate output head, and the small-model options QK-norm, logit
-soft-capping and zero-initialised output projections. A `KVCache` makes generation cost one token
+soft-capping, zero-initialised output projections and value embeddings. A `KVCache` makes generation cost one token
 per step. With targets, the loss is computed by `tinystories.loss.linear_cross_entropy`, which fuses
 the head with the cross-entropy and never holds the (B, T, V) logits.
 
@@ -159,8 +159,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
+        # how much of the token's own value embedding this layer adds to its values
+        self.value_weight = nn.Parameter(torch.ones(())) if config.value_embedding else None
 
-    def forward(self, x, rotary, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+    def forward(self, x, rotary, mask, cache: KVCache | None, start: int,
+                value_embedding: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
         # split (not slicing) so that backward concatenates the gradients instead of zero-filling buffers
@@ -171,6 +174,8 @@ class Attention(nn.Module):
             # Rotate queries and keys together in the (B, T, heads, D) layout the matmul produced:
             # one pass over rows of contiguous heads instead of two over transposed views.
             qk = apply_rotary(qk, *rotary)
+        if value_embedding is not None:  # (B, T, K, D): the values also carry which token this is
+            v = v + self.value_weight * value_embedding
         q, k = qk.transpose(1, 2).split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
         v = v.transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
@@ -221,8 +226,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary, mask, cache, start):
-        x = x + self.dropout(self.attn(self.norm1(x), rotary, mask, cache, start))
+    def forward(self, x, rotary, mask, cache, start, value_embedding=None):
+        x = x + self.dropout(self.attn(self.norm1(x), rotary, mask, cache, start, value_embedding))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
@@ -235,6 +240,9 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(config.context_length, config.d_model) if config.position == "learned" else None
         self.rotary = (RotaryEmbedding(config.head_dim, config.rope_theta, config.context_length)
                        if config.position == "rope" else None)
+        # Value embeddings (modded-nanogpt): parameters at no matmul cost, in every layer's values.
+        self.value_emb = (nn.Embedding(config.vocab_size, config.kv_heads * config.head_dim)
+                          if config.value_embedding else None)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
@@ -258,6 +266,8 @@ class GPT(nn.Module):
         # Each block adds two outputs to the residual stream; keep its variance from growing with depth.
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
+            if block.attn.value_weight is not None:
+                nn.init.ones_(block.attn.value_weight)
             for projection in (block.attn.proj, block.mlp.proj):
                 if self.config.zero_init_proj:
                     nn.init.zeros_(projection.weight)
@@ -266,6 +276,12 @@ class GPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors counted once
+
+    def value_embeddings(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """idx (B, T) -> the tokens' value embeddings (B, T, K, D), or None when the model has none."""
+        if self.value_emb is None:
+            return None
+        return self.value_emb(idx).view(*idx.shape, self.config.kv_heads, self.config.head_dim)
 
     def new_cache(self, batch_size: int, max_length: int | None = None,
                   device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
@@ -319,8 +335,9 @@ class GPT(nn.Module):
         rotary = self.rotary(start, T, position_ids) if self.rotary is not None else None
         mask = self._attention_mask(T, start, key_padding_mask, cache is not None, idx.device)
 
+        value_embedding = self.value_embeddings(idx)
         for block in self.blocks:
-            x = block(x, rotary, mask, cache, start)
+            x = block(x, rotary, mask, cache, start, value_embedding)
         if cache is not None:
             cache.length = start + T
         return self.norm_f(x)  # (B, T, C)
