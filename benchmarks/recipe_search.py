@@ -97,6 +97,7 @@ CANDIDATES |= {
     "winner+muonlr0.015": WINNER + ["muon_lr=0.015"],
     # a second token table in every layer's values: 0.5M parameters at no matmul cost
     "winner+valueemb": WINNER + ["value_embedding=true"],
+    "winner+inputmix": WINNER + ["input_mix=true"],  # every block also reads the embedded tokens
 }
 
 

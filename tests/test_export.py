@@ -177,6 +177,7 @@ def test_model_card_says_unknown_for_what_the_run_does_not_record(tmp_path, toke
     (llama_config(qk_norm=True), "qk_norm=True"),
     (gpt2_config(logit_softcap=15.0), "logit_softcap=15.0"),
     (llama_config(value_embedding=True), "value_embedding=True"),
+    (llama_config(input_mix=True), "input_mix=True"),
 ])
 def test_hf_export_refuses_what_the_class_cannot_express(tmp_path, tokenizer, config, field):
     run, _ = make_run(tmp_path / "run", config, tokenizer)
@@ -309,6 +310,7 @@ def test_pairs_permutation_is_the_rotary_layout_change():
     (llama_config(qk_norm=True), "qk_norm=True"),
     (llama_config(logit_softcap=30.0), "logit_softcap=30.0"),
     (llama_config(value_embedding=True), "value_embedding=True"),
+    (llama_config(input_mix=True), "input_mix=True"),
 ])
 def test_gguf_refuses_non_llama_models(tmp_path, tokenizer, config, field):
     run, _ = make_run(tmp_path / "run", config, tokenizer)

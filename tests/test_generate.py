@@ -66,6 +66,7 @@ VARIANTS = {
     "learned-gelu-layernorm": dict(position="learned", mlp="gelu", norm="layernorm", bias=True),
     "learned-window": dict(position="learned", sliding_window=6, n_kv_head=2),
     "rope-gqa-value-embedding": dict(n_kv_head=2, value_embedding=True),
+    "rope-input-mix": dict(input_mix=True),
 }
 
 

@@ -287,6 +287,7 @@ def test_exported_tokenizer_bin_holds_each_tokens_bytes(tmp_path):
     (llama_config(qk_norm=True), "qk_norm=True"),
     (llama_config(logit_softcap=30.0), "logit_softcap=30.0"),
     (llama_config(value_embedding=True), "value_embedding=True"),
+    (llama_config(input_mix=True), "input_mix=True"),
     (llama_config(rope_theta=500000.0), "rope_theta=500000"),
     (llama_config(norm_eps=1e-6), "norm_eps=1e-06"),
 ])

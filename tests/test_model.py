@@ -49,6 +49,8 @@ def randomized(model: GPT, seed: int = 0) -> GPT:
             noise = torch.randn(parameter.shape, generator=generator)
             if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm_f.weight":
                 parameter.copy_(1.0 + 0.2 * noise)
+            elif name in ("stream_weight", "input_weight"):  # input mixing: both parts of every block's input
+                parameter.copy_(0.8 + 0.2 * noise)
             elif parameter.dim() == 1:  # biases
                 parameter.copy_(0.1 * noise)
             elif parameter.dim() == 0:  # the layers' value-embedding weights
@@ -134,7 +136,10 @@ def reference_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     x = model.tok_emb.weight[idx]
     if config.position == "learned":
         x = x + model.pos_emb.weight[positions]
-    for block in model.blocks:
+    embedded = x
+    for i, block in enumerate(model.blocks):
+        if config.input_mix:
+            x = model.stream_weight[i] * x + model.input_weight[i] * embedded
         qkv = linear(reference_norm(block.norm1, x, config), block.attn.qkv)
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
@@ -163,6 +168,8 @@ VARIANTS = {
     "untied-bias-rms": dict(tie_embeddings=False, bias=True),
     "value-embedding": dict(value_embedding=True),
     "value-embedding-gqa": dict(value_embedding=True, n_kv_head=2),
+    "input-mix": dict(input_mix=True),
+    "input-mix-learned-value-embedding": dict(input_mix=True, position="learned", value_embedding=True),
 }
 
 
@@ -309,7 +316,7 @@ def test_preset_parameter_count_matches_closed_form(name):
 @pytest.mark.parametrize("overrides", [
     dict(), dict(tie_embeddings=False), dict(bias=True), dict(n_kv_head=1), dict(n_kv_head=2, d_ff=50),
     dict(norm="layernorm", bias=True, position="learned", mlp="gelu"), dict(norm="layernorm", bias=False),
-    dict(value_embedding=True), dict(value_embedding=True, n_kv_head=1),
+    dict(value_embedding=True), dict(value_embedding=True, n_kv_head=1), dict(input_mix=True),
 ])
 def test_variant_parameter_count_matches_closed_form(overrides):
     config = small_config(**overrides)
@@ -347,7 +354,7 @@ def test_tied_embeddings_share_storage():
 CACHE_VARIANTS = [
     dict(position=position, n_kv_head=kv_heads, sliding_window=window)
     for position in ("rope", "learned") for kv_heads in (4, 2, 1) for window in (None, 4)
-] + [dict(value_embedding=True, n_kv_head=2)]
+] + [dict(value_embedding=True, n_kv_head=2), dict(input_mix=True, sliding_window=4)]
 
 
 @pytest.mark.parametrize("overrides", CACHE_VARIANTS, ids=lambda o: "-".join(str(v) for v in o.values()))

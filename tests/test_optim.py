@@ -72,6 +72,13 @@ def test_value_embeddings_are_an_embedding_and_their_weights_gains():
     assert groups["hidden"] == BLOCK_MATRICES  # Muon's set is unchanged
 
 
+def test_input_mix_weights_are_gains_that_start_as_the_plain_stream():
+    model = GPT(ModelConfig(vocab_size=50, context_length=16, n_layer=2, n_head=2, d_model=16, input_mix=True))
+    groups = {role: {name for name, _ in params} for role, params in parameter_groups(model).items()}
+    assert {"stream_weight", "input_weight"} <= groups["gains"]  # AdamW, no decay
+    assert model.stream_weight.tolist() == [1.0, 1.0] and model.input_weight.tolist() == [0.0, 0.0]
+
+
 def test_each_group_gets_its_own_weight_decay():
     model = gpt_with_everything()
     groups = parameter_groups(model)

@@ -71,6 +71,7 @@ class ModelConfig:
     logit_softcap: float | None = None  # None: plain logits; c: c * tanh(logits / c)
     zero_init_proj: bool = False  # start every block's output projections at zero (blocks begin as identity)
     value_embedding: bool = False  # a second token table added to every layer's values (modded-nanogpt)
+    input_mix: bool = False  # each block's input is a * x + b * (the embedded tokens), a and b learned per layer
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,7 +114,7 @@ class ModelConfig:
 
         Keys: embeddings (token table), positions (learned table; 0 with RoPE), attention (qkv + output
         projection of all layers), mlp (all layers), norms (every norm's weights and biases), head
-        (the output projection; 0 when tied to the token embeddings), value_embeddings (0 without).
+        (the output projection; 0 when tied to the token embeddings), value_embeddings and input_mix (0 without).
         """
         d, hd = self.d_model, self.head_dim
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
@@ -130,6 +131,7 @@ class ModelConfig:
             "head": 0 if self.tie_embeddings else self.vocab_size * d,
             # a (V, K*D) table and one mixing weight per layer
             "value_embeddings": (self.vocab_size * self.kv_heads * hd + self.n_layer) if self.value_embedding else 0,
+            "input_mix": 2 * self.n_layer if self.input_mix else 0,  # (a, b) per layer
         }
 
     def num_parameters(self) -> int:

@@ -262,9 +262,7 @@ def decode_step(model: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
     if config.sliding_window is not None:
         allowed = allowed & (slots > positions[:, None] - config.sliding_window)
     mask = allowed[:, None, None, :]  # (B, 1, 1, S)
-    value_embedding = model.value_embeddings(tokens[:, None])  # (B, 1, K, D) or None
-    for block in model.blocks:
-        x = block(x, rotary, mask, cache, positions, value_embedding)
+    x = model.run_blocks(x, tokens[:, None], rotary, mask, cache, positions)
     return model.logits(model.norm_f(x))[:, 0]  # (B, V): the model's own head (soft-capped if configured)
 
 

@@ -38,6 +38,7 @@ def check_gguf_compatible(config: ModelConfig) -> None:
         (config.qk_norm, "qk_norm=True (llama has no query/key normalisation)"),
         (config.logit_softcap is not None, f"logit_softcap={config.logit_softcap} (llama has no logit cap)"),
         (config.value_embedding, "value_embedding=True (llama has no value embeddings)"),
+        (config.input_mix, "input_mix=True (llama blocks read the stream alone)"),
     ]
     for bad, field in problems:
         if bad:

@@ -81,6 +81,7 @@ def check_llama2c_compatible(config: ModelConfig) -> None:
         (config.qk_norm, "qk_norm=True (run.c has no query/key normalisation)"),
         (config.logit_softcap is not None, f"logit_softcap={config.logit_softcap} (run.c has no logit cap)"),
         (config.value_embedding, "value_embedding=True (run.c has no value embeddings)"),
+        (config.input_mix, "input_mix=True (run.c blocks read the stream alone)"),
     ]
     for bad, field in problems:
         if bad:

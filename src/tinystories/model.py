@@ -3,7 +3,8 @@
 Every variant the presets need is a setting: LayerNorm or RMSNorm, learned or rotary positions,
 GELU, SwiGLU or ReLU^2, multi-head / grouped-query / multi-query attention, full or sliding-window
 causal attention, tied or separate output head, and the small-model options QK-norm, logit
-soft-capping, zero-initialised output projections and value embeddings. A `KVCache` makes generation cost one token
+soft-capping, zero-initialised output projections, value embeddings and mixing the embedded input
+back into every block's input. A `KVCache` makes generation cost one token
 per step. With targets, the loss is computed by `tinystories.loss.linear_cross_entropy`, which fuses
 the head with the cross-entropy and never holds the (B, T, V) logits.
 
@@ -245,6 +246,9 @@ class GPT(nn.Module):
                           if config.value_embedding else None)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # Input mixing (modded-nanogpt): block i reads stream_weight[i] * x + input_weight[i] * x0.
+        self.stream_weight = nn.Parameter(torch.ones(config.n_layer)) if config.input_mix else None
+        self.input_weight = nn.Parameter(torch.zeros(config.n_layer)) if config.input_mix else None
         self.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -265,6 +269,9 @@ class GPT(nn.Module):
                 module.reset_parameters()
         # Each block adds two outputs to the residual stream; keep its variance from growing with depth.
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        if self.config.input_mix:  # every block starts by reading the stream alone
+            nn.init.ones_(self.stream_weight)
+            nn.init.zeros_(self.input_weight)
         for block in self.blocks:
             if block.attn.value_weight is not None:
                 nn.init.ones_(block.attn.value_weight)
@@ -335,12 +342,21 @@ class GPT(nn.Module):
         rotary = self.rotary(start, T, position_ids) if self.rotary is not None else None
         mask = self._attention_mask(T, start, key_padding_mask, cache is not None, idx.device)
 
-        value_embedding = self.value_embeddings(idx)
-        for block in self.blocks:
-            x = block(x, rotary, mask, cache, start, value_embedding)
+        x = self.run_blocks(x, idx, rotary, mask, cache, start)
         if cache is not None:
             cache.length = start + T
         return self.norm_f(x)  # (B, T, C)
+
+    def run_blocks(self, x: torch.Tensor, idx: torch.Tensor, rotary, mask, cache: KVCache | None,
+                   start: int | torch.Tensor) -> torch.Tensor:
+        """The blocks over the embedded tokens x (B, T, C) of ids idx (B, T) -> the last block's output (B, T, C)."""
+        value_embedding = self.value_embeddings(idx)  # (B, T, K, D) or None
+        embedded = x
+        for i, block in enumerate(self.blocks):
+            if self.stream_weight is not None:
+                x = self.stream_weight[i] * x + self.input_weight[i] * embedded
+            x = block(x, rotary, mask, cache, start, value_embedding)
+        return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The head: final hidden states (..., C) -> next-token logits (..., V), soft-capped if configured."""
