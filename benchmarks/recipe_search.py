@@ -98,6 +98,7 @@ CANDIDATES |= {
     # a second token table in every layer's values: 0.5M parameters at no matmul cost
     "winner+valueemb": WINNER + ["value_embedding=true"],
     "winner+inputmix": WINNER + ["input_mix=true"],  # every block also reads the embedded tokens
+    "winner+muonsplit": WINNER + ["muon_split=true"],  # q, k, v, gate and up orthogonalized apart
 }
 
 

@@ -143,6 +143,38 @@ def test_muon_matches_the_reference_algorithm_over_steps():
         torch.testing.assert_close(p.detach().double(), e, atol=1e-5, rtol=1e-5)
 
 
+def test_a_split_fused_matrix_steps_as_its_parts_would_apart():
+    generator = torch.Generator().manual_seed(3)
+    parts = [4, 2, 2]  # q, k, v rows of a fused (8, 6) matrix: a (4, 6) and two (2, 6) matrices
+    weight = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    fused = torch.nn.Parameter(weight.clone())
+    apart = [torch.nn.Parameter(w.clone()) for w in weight.split(parts)]
+    optimizer = Muon([fused], lr=0.02, weight_decay=0.1, row_parts={fused: parts})
+    reference = Muon(apart, lr=0.02, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+        fused.grad = grad.clone()
+        for p, g in zip(apart, grad.split(parts)):
+            p.grad = g.clone()
+        optimizer.step()
+        reference.step()
+    torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in apart]))
+    split, whole = torch.nn.Parameter(weight.clone()), torch.nn.Parameter(weight.clone())
+    split.grad, whole.grad = grad.clone(), grad.clone()
+    Muon([split], lr=0.02, row_parts={split: parts}).step()
+    Muon([whole], lr=0.02).step()  # orthogonalized whole, the same gradient moves the matrix elsewhere
+    assert (split.detach() - whole.detach()).abs().max() > 1e-3
+
+
+def test_muon_split_names_qkv_and_swiglu_parts():
+    model = GPT(ModelConfig(vocab_size=50, context_length=16, n_layer=2, n_head=4, n_kv_head=2, d_model=16))
+    muon = build_optimizer(model, TrainConfig(optimizer="muon", muon_split=True), torch.device("cpu")).optimizers[0]
+    block = model.blocks[1]
+    assert muon.row_parts[id(block.attn.qkv.weight)] == [16, 8, 8]  # 4 query heads of 4, 2 key/value heads
+    assert muon.row_parts[id(block.mlp.fc.weight)] == [model.config.ffn_dim] * 2
+    assert build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).optimizers[0].row_parts == {}
+
+
 def test_muon_agrees_with_torchs_bf16_muon_to_its_precision():
     generator = torch.Generator().manual_seed(1)
     weight, grad = torch.randn(32, 48, generator=generator), torch.randn(32, 48, generator=generator)

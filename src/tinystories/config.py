@@ -174,6 +174,7 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate of AdamW
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     muon_lr: float = 0.02  # peak learning rate of Muon (when optimizer == 'muon')
+    muon_split: bool = False  # Muon orthogonalizes q, k, v (and SwiGLU's gate and up) apart, not as one fused matrix
     schedule: str = "cosine"  # 'cosine' | 'wsd' (warmup-stable-decay) | 'constant'
     warmup_steps: int = 50  # updates over which the lr rises linearly from 0 to its peak
     decay_fraction: float = 0.2  # wsd: the last fraction of training that decays
