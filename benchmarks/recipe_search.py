@@ -99,6 +99,9 @@ CANDIDATES |= {
     "winner+valueemb": WINNER + ["value_embedding=true"],
     "winner+inputmix": WINNER + ["input_mix=true"],  # every block also reads the embedded tokens
     "winner+muonsplit": WINNER + ["muon_split=true"],  # q, k, v, gate and up orthogonalized apart
+    # on top of the value embeddings (0.8567), the other two new levers
+    "winner+valueemb+inputmix": WINNER + ["value_embedding=true", "input_mix=true"],
+    "winner+valueemb+muonsplit": WINNER + ["value_embedding=true", "muon_split=true"],
 }
 
 
