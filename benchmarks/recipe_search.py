@@ -102,6 +102,9 @@ CANDIDATES |= {
     # on top of the value embeddings (0.8567), the other two new levers
     "winner+valueemb+inputmix": WINNER + ["value_embedding=true", "input_mix=true"],
     "winner+valueemb+muonsplit": WINNER + ["value_embedding=true", "muon_split=true"],
+    "winner+valueemb+inputmix+muonsplit": WINNER + ["value_embedding=true", "input_mix=true", "muon_split=true"],
+    "winner+muonsplit+muonlr0.03": WINNER + ["muon_split=true", "muon_lr=0.03"],
+    "winner+muonsplit+wd1.5": WINNER + ["muon_split=true", "weight_decay=1.5"],
 }
 
 
