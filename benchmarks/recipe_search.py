@@ -105,6 +105,9 @@ CANDIDATES |= {
     "winner+valueemb+inputmix+muonsplit": WINNER + ["value_embedding=true", "input_mix=true", "muon_split=true"],
     "winner+muonsplit+muonlr0.03": WINNER + ["muon_split=true", "muon_lr=0.03"],
     "winner+muonsplit+wd1.5": WINNER + ["muon_split=true", "weight_decay=1.5"],
+    # the spread between seeds again, for the new recipes
+    "winner+muonsplit+seed2": WINNER + ["muon_split=true", "seed=2"],
+    "winner+valueemb+muonsplit+seed2": WINNER + ["value_embedding=true", "muon_split=true", "seed=2"],
 }
 
 
