@@ -108,6 +108,8 @@ CANDIDATES |= {
     # the spread between seeds again, for the new recipes
     "winner+muonsplit+seed2": WINNER + ["muon_split=true", "seed=2"],
     "winner+valueemb+muonsplit+seed2": WINNER + ["value_embedding=true", "muon_split=true", "seed=2"],
+    "winner+valueemb+muonsplit+seed3": WINNER + ["value_embedding=true", "muon_split=true", "seed=3"],
+    "winner+valueemb+muonsplit+muonlr0.03": WINNER + ["value_embedding=true", "muon_split=true", "muon_lr=0.03"],
 }
 
 
