@@ -26,6 +26,7 @@ VARIANTS = {
     "gpt2": dict(norm="layernorm", position="learned", mlp="gelu", bias=True, tie_embeddings=True),
     "gqa_untied": dict(n_kv_head=2, position="rope", mlp="gelu", tie_embeddings=False),
     "mqa_window": dict(n_kv_head=1, position="rope", sliding_window=5, norm="layernorm", bias=True),
+    "gqa_value_embedding_input_mix": dict(n_kv_head=2, value_embedding=True, input_mix=True),
 }
 
 
@@ -53,10 +54,12 @@ def test_breakdown_of_every_preset_sums_to_its_count(name):
 
 
 def test_tiny_breakdown_by_hand():
-    # tiny: V=4096, d=128, 4 layers, SwiGLU hidden 352, RMSNorm (weight only), tied, RoPE.
+    # tiny: V=4096, d=128, 4 layers, SwiGLU hidden 352, RMSNorm (weight only), tied, RoPE, a value
+    # embedding table (4096 x 4 heads x 32) and one weight for it per layer.
     parts = parameter_breakdown(get_preset("tiny").model)
     assert parts == {"embeddings": 4096 * 128, "positions": 0, "attention": 4 * (128 * 384 + 128 * 128),
-                     "mlp": 4 * (128 * 704 + 352 * 128), "norms": 9 * 128, "head": 0}
+                     "mlp": 4 * (128 * 704 + 352 * 128), "norms": 9 * 128, "head": 0,
+                     "value_embeddings": 4096 * 128 + 4, "input_mix": 0}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -69,7 +72,7 @@ def test_attention_weights_reproduce_each_layers_attention_output(variant):
         torch.nn.init.normal_(parameter, std=0.3)
     ids = torch.randint(0, config.vocab_size, (12,))
     seen = []
-    hooks = [block.attn.register_forward_hook(lambda m, inputs, output: seen.append((m, inputs[0], output)))
+    hooks = [block.attn.register_forward_hook(lambda m, inputs, output: seen.append((m, inputs, output)))
              for block in model.blocks]
     with torch.no_grad():
         model(ids[None])
@@ -84,8 +87,11 @@ def test_attention_weights_reproduce_each_layers_attention_output(variant):
     if config.sliding_window:
         far = torch.ones(T, T, dtype=torch.bool).tril(-config.sliding_window)
         assert (weights[..., far] == 0).all()
-    for layer, (module, x, output) in enumerate(seen):
-        v = module.qkv(x).view(1, T, H + 2 * K, D)[:, :, H + K:].transpose(1, 2)  # (1, K, T, D)
+    for layer, (module, (x, *_, value_embedding), output) in enumerate(seen):
+        v = module.qkv(x).view(1, T, H + 2 * K, D)[:, :, H + K:]  # (1, T, K, D)
+        if value_embedding is not None:
+            v = v + module.value_weight * value_embedding
+        v = v.transpose(1, 2)  # (1, K, T, D)
         v = v.repeat_interleave(H // K, dim=1)  # (1, H, T, D)
         y = (weights[layer][None] @ v).transpose(1, 2).reshape(1, T, H * D)
         torch.testing.assert_close(module.proj(y), output, atol=1e-5, rtol=1e-4)
@@ -151,8 +157,8 @@ def test_cli_params_table_sums_to_the_preset_count(capsys):
     code, out, _ = run_cli(capsys, "inspect", "params", "--preset", "tiny")
     assert code == 0
     rows = dict(line.split()[:2] for line in out.strip().splitlines())
-    assert rows["total"] == f"{get_preset('tiny').model.num_parameters():,}" == "1,328,256"
-    assert sum(int(rows[part].replace(",", "")) for part in rows if part != "total") == 1_328_256
+    assert rows["total"] == f"{get_preset('tiny').model.num_parameters():,}" == "1,852,548"  # 1,328,256 + 4096 x 128 + 4
+    assert sum(int(rows[part].replace(",", "")) for part in rows if part != "total") == 1_852_548
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -37,7 +37,7 @@ def check_gguf_compatible(config: ModelConfig) -> None:
         (config.sliding_window is not None, f"sliding_window={config.sliding_window} (llama attends to all positions)"),
         (config.qk_norm, "qk_norm=True (llama has no query/key normalisation)"),
         (config.logit_softcap is not None, f"logit_softcap={config.logit_softcap} (llama has no logit cap)"),
-        (config.value_embedding, "value_embedding=True (llama has no value embeddings)"),
+        (config.value_embedding, "value_embedding=True (llama has no value embeddings; train with --set value_embedding=false)"),
         (config.input_mix, "input_mix=True (llama blocks read the stream alone)"),
     ]
     for bad, field in problems:

@@ -58,7 +58,7 @@ def hf_architecture(config: ModelConfig) -> str:
     problems += [
         (config.qk_norm, f"qk_norm=True ({family} has no query/key normalisation)"),
         (config.logit_softcap is not None, f"logit_softcap={config.logit_softcap} ({family} has no logit cap)"),
-        (config.value_embedding, f"value_embedding=True ({family} has no value embeddings)"),
+        (config.value_embedding, f"value_embedding=True ({family} has no value embeddings; train with --set value_embedding=false)"),
         (config.input_mix, f"input_mix=True ({family} blocks read the stream alone)"),
     ]
     for bad, field in problems:

@@ -80,7 +80,7 @@ def check_llama2c_compatible(config: ModelConfig) -> None:
         (config.norm_eps != NORM_EPS, f"norm_eps={config.norm_eps:g} (run.c hard-codes 1e-5)"),
         (config.qk_norm, "qk_norm=True (run.c has no query/key normalisation)"),
         (config.logit_softcap is not None, f"logit_softcap={config.logit_softcap} (run.c has no logit cap)"),
-        (config.value_embedding, "value_embedding=True (run.c has no value embeddings)"),
+        (config.value_embedding, "value_embedding=True (run.c has no value embeddings; train with --set value_embedding=false)"),
         (config.input_mix, "input_mix=True (run.c blocks read the stream alone)"),
     ]
     for bad, field in problems:

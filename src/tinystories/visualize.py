@@ -41,10 +41,15 @@ def parameter_breakdown(config: ModelConfig) -> dict[str, int]:
 
 def module_breakdown(model: GPT) -> dict[str, int]:
     """The same parts as `parameter_breakdown`, counted from a built model's tensors (tied ones once)."""
-    counts = dict.fromkeys(("embeddings", "positions", "attention", "mlp", "norms", "head"), 0)
+    counts = dict.fromkeys(("embeddings", "positions", "attention", "mlp", "norms", "head", "value_embeddings",
+                            "input_mix"), 0)
     for name, parameter in model.named_parameters():  # a tied head shares tok_emb's tensor: listed once
         if name.startswith("tok_emb."):
             part = "embeddings"
+        elif name.startswith("value_emb.") or name.endswith(".value_weight"):
+            part = "value_embeddings"
+        elif name in ("stream_weight", "input_weight"):
+            part = "input_mix"
         elif name.startswith("pos_emb."):
             part = "positions"
         elif name.startswith("lm_head."):
@@ -183,6 +188,9 @@ def draw_architecture(config: ModelConfig, path: str | os.PathLike, title: str |
     embed = f"token embedding {config.vocab_size} x {d}  ({parts['embeddings']:,})"
     if config.position == "learned":
         embed += f"\n+ learned positions {config.context_length} x {d}  ({parts['positions']:,})"
+    if config.value_embedding:
+        embed += (f"\nvalue embedding {config.vocab_size} x {config.kv_heads * hd}, into every layer's values"
+                  f"  ({parts['value_embeddings']:,})")
     head = ("output head (tied to the token embedding)" if config.tie_embeddings
             else f"output head {d} x {config.vocab_size}  ({parts['head']:,})")
     # (text, colour, inside the repeated block?)

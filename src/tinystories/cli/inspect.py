@@ -12,7 +12,8 @@ import argparse
 
 from tinystories.cli.common import add_model_arguments, chosen_model
 
-PARTS = ("embeddings", "positions", "attention", "mlp", "norms", "head")
+PARTS = (  # always listed; the optional ones (value_embeddings, input_mix) when present
+    "embeddings", "positions", "attention", "mlp", "norms", "head")
 
 
 def register(subparsers) -> None:
@@ -86,7 +87,8 @@ def run_params(args: argparse.Namespace) -> int:
     config = _model_config(args)
     parts = parameter_breakdown(config)
     total = config.num_parameters()
-    for part in PARTS:
-        print(f"{part:<11} {parts[part]:>12,}  {100 * parts[part] / total:5.1f}%")
-    print(f"{'total':<11} {total:>12,}")
+    for part in parts:
+        if parts[part] or part in PARTS:  # the optional parts only when the model has them
+            print(f"{part:<16} {parts[part]:>12,}  {100 * parts[part] / total:5.1f}%")
+    print(f"{'total':<16} {total:>12,}")
     return 0
