@@ -274,7 +274,7 @@ def _presets() -> dict[str, Preset]:
                 "batching": "every window once per pass, reshuffled: 0.8786 vs random windows' 0.8926 at 5.6M tokens",
                 "ema_decay": "the 0.99 average of the weights is evaluated and shipped: 0.8758 with epochs vs 0.8786",
                 "muon_split": "q, k, v, gate and up orthogonalized apart: 0.8527 vs 0.8663 at 5.6M tokens",
-                "value_embedding": "with the Muon split, 0.8422 / 0.8440 (seeds 1337 / 2) at 5.6M tokens; not "
+                "value_embedding": "with the Muon split, 0.8422 / 0.8440 / 0.8425 (seeds 1337 / 2 / 3) at 5.6M tokens; not "
                                    "exportable to HF, GGUF or llama2.c (set it false for a model to export)",
             },
         ),
