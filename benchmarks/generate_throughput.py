@@ -18,6 +18,7 @@ trained run given with `--run` (random weights otherwise, which only shows the p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import warnings
@@ -52,7 +53,8 @@ class PlainTokenizer:
 
 def random_model(preset: str) -> GPT:
     torch.manual_seed(0)
-    model = GPT(get_preset(preset).model).eval()
+    # HF's Llama has no value embeddings (tiny's recipe has): the same model on both sides
+    model = GPT(dataclasses.replace(get_preset(preset).model, value_embedding=False)).eval()
     with torch.no_grad():
         model.tok_emb.weight[0] = 0.0  # EOT (id 0) logit is 0: random stories do not end early
     return model

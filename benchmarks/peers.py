@@ -101,8 +101,9 @@ def training_step(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], t
 def shape_config(shape: str) -> tuple[ModelConfig, int]:
     d_model, n_layer, n_head, batch = SHAPES[shape]
     preset = get_preset(shape).model if shape in ("tiny", "small") else get_preset("tiny").model
+    # The peers have no value embeddings (tiny's recipe has): the same model in every column.
     return dataclasses.replace(preset, d_model=d_model, n_layer=n_layer, n_head=n_head, d_ff=None
-                               if shape not in ("tiny", "small") else preset.d_ff), batch
+                               if shape not in ("tiny", "small") else preset.d_ff, value_embedding=False), batch
 
 
 def compare_training(shape: str, rounds: int, device: torch.device, compile_model: bool) -> list[object]:
