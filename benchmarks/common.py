@@ -94,3 +94,13 @@ def best_times(functions: dict[str, Callable[[], object]], rounds: int, warmups:
             synchronize()
             best[name] = min(best[name], time.perf_counter() - started)
     return best
+
+
+def peers_model_config(name: str):
+    """Preset `name`'s ModelConfig as the peers can build it: HF's Llama and nanoGPT have no value
+    embeddings (tiny's recipe has), so comparisons turn them off and every side is the same model."""
+    import dataclasses
+
+    from tinystories.config import get_preset
+
+    return dataclasses.replace(get_preset(name).model, value_embedding=False)

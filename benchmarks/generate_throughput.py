@@ -18,7 +18,6 @@ trained run given with `--run` (random weights otherwise, which only shows the p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 import warnings
@@ -26,7 +25,7 @@ from functools import partial
 from itertools import islice
 from pathlib import Path
 
-from common import append_results, markdown_table  # noqa: E402
+from common import append_results, markdown_table, peers_model_config  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -53,8 +52,7 @@ class PlainTokenizer:
 
 def random_model(preset: str) -> GPT:
     torch.manual_seed(0)
-    # HF's Llama has no value embeddings (tiny's recipe has): the same model on both sides
-    model = GPT(dataclasses.replace(get_preset(preset).model, value_embedding=False)).eval()
+    model = GPT(peers_model_config(preset)).eval()
     with torch.no_grad():
         model.tok_emb.weight[0] = 0.0  # EOT (id 0) logit is 0: random stories do not end early
     return model

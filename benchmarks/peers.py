@@ -41,11 +41,11 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 
 import torch  # noqa: E402
 
-from common import append_results, markdown_table  # noqa: E402
+from common import append_results, markdown_table, peers_model_config  # noqa: E402
 from common import best_times as common_best_times  # noqa: E402
 from generate_throughput import PlainTokenizer, check_logits_agree, random_model, to_hf  # noqa: E402
 from train_throughput import hf_llama  # noqa: E402
-from tinystories.config import ModelConfig, get_preset  # noqa: E402
+from tinystories.config import ModelConfig  # noqa: E402
 from tinystories.generate import LanguageModel  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
 
@@ -100,10 +100,9 @@ def training_step(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], t
 
 def shape_config(shape: str) -> tuple[ModelConfig, int]:
     d_model, n_layer, n_head, batch = SHAPES[shape]
-    preset = get_preset(shape).model if shape in ("tiny", "small") else get_preset("tiny").model
-    # The peers have no value embeddings (tiny's recipe has): the same model in every column.
+    preset = peers_model_config(shape if shape in ("tiny", "small") else "tiny")  # the same model in every column
     return dataclasses.replace(preset, d_model=d_model, n_layer=n_layer, n_head=n_head, d_ff=None
-                               if shape not in ("tiny", "small") else preset.d_ff, value_embedding=False), batch
+                               if shape not in ("tiny", "small") else preset.d_ff), batch
 
 
 def compare_training(shape: str, rounds: int, device: torch.device, compile_model: bool) -> list[object]:

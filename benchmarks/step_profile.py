@@ -143,7 +143,8 @@ def selected_steps(args) -> tuple[dict, int, str, tuple[str, str]]:
                  f"{NANOGPT_ARCHITECTURE}")
         return {name: step for name, (step, _) in built.items()}, tokens, notes, ("nanogpt", "ours")
     levers = [name.strip() for name in args.levers.split(",") if name.strip()]
-    notes = (f"Notes: `tiny` (1.3M parameters, compiled unless 'eager', Muon + AdamW), batch {args.batch_size} "
+    notes = (f"Notes: `tiny` ({get_preset('tiny').model.num_parameters() / 1e6:.1f}M parameters, compiled unless "
+             f"'eager', Muon + AdamW), batch {args.batch_size} "
              f"x 256, forward + backward + optimizer step on one random batch, deterministic mode on (the default)")
     return ({name: training_step(name, args.batch_size) for name in levers},
             args.batch_size * get_preset("tiny").model.context_length, notes, ("before", "ours"))

@@ -13,7 +13,6 @@ peak, measured here with a large matmul. Prints a markdown table and appends it 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ from typing import Callable
 
 import torch  # noqa: E402
 
-from common import append_results, load_average, markdown_table  # noqa: E402
+from common import append_results, load_average, markdown_table, peers_model_config  # noqa: E402
 from tinystories.config import ModelConfig, get_preset  # noqa: E402
 from tinystories.model import GPT  # noqa: E402
 
@@ -105,8 +104,7 @@ def time_training(loss_of_step: Callable[[], torch.Tensor], model: torch.nn.Modu
 
 
 def run_preset(name: str, args, peak: float) -> list[list[object]]:
-    # HF's Llama has no value embeddings (tiny's recipe has): the same model on both sides
-    config = dataclasses.replace(get_preset(name).model, value_embedding=False)
+    config = peers_model_config(name)
     batch_size = args.batch_size or get_preset(name).train.batch_size
     T = config.context_length
     generator = torch.Generator().manual_seed(0)
